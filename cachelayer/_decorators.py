@@ -1,0 +1,128 @@
+"""``@cache.cached``: read-through caching of a function's results, sync or async.
+
+The wrapper is built once per function so the hit path is as short as Python allows: build
+the key, one ``dict.get`` on L1, one clock read, return. No lock, no generator, no task, no
+per-call allocation beyond the key string. Everything else (L2, single-flight, the loader) is
+behind ``Cache._load_sync`` / ``Cache._load_async``, which only a miss reaches.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._codec import decode_value
+from ._keys import key_builder
+from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._cache import Cache
+
+_MEMO_SIZE = 4096  # argument -> key strings remembered per function; cleared when full
+_MEMO_TYPES = frozenset({int, str})
+
+
+def cached(
+    cache: Cache,
+    *,
+    ttl: float | None = None,
+    stale_ttl: float | None = None,
+    key: str | Callable[..., str] | None = None,
+    tags: Iterable[str] = (),
+    cache_none: bool | None = None,
+) -> Callable[[Callable[..., Any]], Any]:
+    """Decorate a function or coroutine function so its results are cached in ``cache``.
+
+    ``key`` is None (the function's qualified name and its bound arguments, so ``f(1)``,
+    ``f(x=1)`` and a defaulted call agree), a template filled from the arguments such as
+    ``"product:{product_id}"``, or a callable taking the function's arguments. The wrapper
+    keeps the function's name and signature and gains ``.key(*args, **kwargs)``,
+    ``.invalidate(*args, **kwargs)`` and ``.ainvalidate(*args, **kwargs)``.
+    """
+    opts = cache._options(ttl, stale_ttl, tags, cache_none)
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        if not callable(fn):
+            raise ConfigurationError(f"@cached decorates functions, not {fn!r}")
+        plan = key_builder(fn, key)
+        make_key = plan.make
+        nargs = plan.memo_nargs  # -1 never matches len(args): then the memo is never used
+        # The memo hands back the same str object for the same argument, so neither building
+        # nor hashing the key is paid again (a str caches its hash). Exact int and str only:
+        # 1, 1.0 and True are equal dict keys but must not share a cache key.
+        memo: dict[int | str, str] = {}
+
+        def remember(args: tuple[Any, ...]) -> str:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            k = memo[args[-1]] = make_key(args, {})
+            return k
+
+        is_async = inspect.iscoroutinefunction(fn)
+        clients = cache._clients
+        if clients.enabled and not (clients.has_async if is_async else clients.has_sync):
+            kind = "async" if is_async else "sync"
+            raise ConfigurationError(
+                f"{fn.__qualname__} is {kind} but the cache's Redis client is not; "
+                "give the Cache a URL (it then makes both kinds of client) or a matching client"
+            )
+        data = cache._l1.data
+        clock = cache._clock
+        stats = cache._stats
+        load_sync = cache._load_sync
+        load_async = cache._load_async
+        shared = not cache._copy
+        wrapper: Any
+
+        if is_async:
+
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if not kwargs and len(args) == nargs and type(args[-1]) in _MEMO_TYPES:
+                    k = memo.get(args[-1])
+                    if k is None:
+                        k = remember(args)
+                else:
+                    k = make_key(args, kwargs)
+                entry = data.get(k)
+                if entry is not None and clock() < entry.l1_fresh:
+                    entry.visited = True
+                    stats.l1_hits += 1
+                    return entry.value if shared else decode_value(entry.payload)  # type: ignore[arg-type]
+                return await load_async(k, functools.partial(fn, *args, **kwargs), opts)
+
+        else:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if not kwargs and len(args) == nargs and type(args[-1]) in _MEMO_TYPES:
+                    k = memo.get(args[-1])
+                    if k is None:
+                        k = remember(args)
+                else:
+                    k = make_key(args, kwargs)
+                entry = data.get(k)
+                if entry is not None and clock() < entry.l1_fresh:
+                    entry.visited = True
+                    stats.l1_hits += 1
+                    return entry.value if shared else decode_value(entry.payload)  # type: ignore[arg-type]
+                return load_sync(k, functools.partial(fn, *args, **kwargs), opts)
+
+        functools.update_wrapper(wrapper, fn)
+
+        def key_of(*args: Any, **kwargs: Any) -> str:
+            return make_key(args, kwargs)
+
+        def invalidate(*args: Any, **kwargs: Any) -> None:
+            cache.delete(make_key(args, kwargs))
+
+        async def ainvalidate(*args: Any, **kwargs: Any) -> None:
+            await cache.adelete(make_key(args, kwargs))
+
+        wrapper.key = key_of
+        wrapper.invalidate = invalidate
+        wrapper.ainvalidate = ainvalidate
+        wrapper.cache = cache
+        return wrapper
+
+    return decorate
