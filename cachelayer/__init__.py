@@ -9,7 +9,7 @@ during traffic surges.
     async def get_product(product_id: int) -> dict: ...
 """
 
-from ._cache import Cache
+from ._cache import Cache, Loaded
 from .exceptions import (
     BackendError,
     CacheError,
@@ -24,6 +24,7 @@ __all__ = [
     "CacheError",
     "ConfigurationError",
     "InvalidKeyError",
+    "Loaded",
     "SerializationError",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._codec import CorruptEntryError, Entry, decode_value, encode_value, pack_entry, unpack_entry
 from ._flight import Flights
@@ -55,6 +55,44 @@ class Options:
         self.stale_ttl = stale_ttl
         self.tags = tags
         self.cache_none = cache_none
+
+
+class Loaded(Generic[T]):
+    """What a loader returns when the loaded value itself decides how it is cached.
+
+    ``return Loaded(page, ttl=max_age)`` stores ``page`` for ``max_age`` seconds;
+    ``Loaded(value, store=False)`` hands ``value`` to every waiting caller without storing it.
+    Fields left as None keep the call's or decorator's settings. Callers receive ``value``,
+    never the wrapper.
+    """
+
+    __slots__ = ("stale_ttl", "store", "tags", "ttl", "value")
+
+    def __init__(
+        self,
+        value: T,
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        store: bool = True,
+    ) -> None:
+        self.value = value
+        self.ttl = check_seconds("ttl", ttl, allow_zero=False, allow_none=True)
+        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True, allow_none=True)
+        self.tags = None if tags is None else check_tags(tags)
+        self.store = bool(store)
+
+    def __repr__(self) -> str:
+        return f"Loaded({self.value!r}, ttl={self.ttl}, stale_ttl={self.stale_ttl})"
+
+    def apply(self, opts: Options) -> Options:
+        return Options(
+            opts.ttl if self.ttl is None else self.ttl,
+            opts.stale_ttl if self.stale_ttl is None else self.stale_ttl,
+            opts.tags if self.tags is None else self.tags,
+            opts.cache_none,
+        )
 
 
 class Cache:
@@ -172,7 +210,10 @@ class Cache:
         """Wrap a loaded value; ``payload`` stays None when it must not be stored."""
         now = self._clock()
         payload = None
-        if value is not None or opts.cache_none:
+        store = True
+        if type(value) is Loaded:
+            opts, store, value = value.apply(opts), value.store, value.value
+        if store and (value is not None or opts.cache_none):
             try:
                 payload = encode_value(value, key)
             except SerializationError as exc:
