@@ -1,0 +1,187 @@
+"""Redis trouble never takes the application down: real failures, bounded time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from cachelayer import BackendError, Cache
+from cachelayer.testing import RedisServer
+from proxy import Proxy
+
+pytestmark = pytest.mark.redis
+
+TIMEOUT = 0.25  # the cache's redis_timeout in these tests
+# A call makes at most two Redis round trips (GET, then SET after a load), each bounded by
+# the timeout; anything near this bound means a retry or a hang crept in.
+BOUND = 2 * TIMEOUT + 0.5
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return f"loaded-{self.calls}"
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    start = time.monotonic()
+    value = fn()
+    return value, time.monotonic() - start
+
+
+def test_a_stopped_server_falls_through_to_the_loader_quickly(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = Cache(own_redis.url, redis_timeout=TIMEOUT, jitter=0)
+    loader = Counter()
+    assert cache.get_or_load("a", loader) == "loaded-1"
+    own_redis.stop()
+    with caplog.at_level(logging.INFO, logger="cachelayer"):
+        for i in range(20):
+            value, took = timed(lambda i=i: cache.get_or_load(f"k{i}", loader))
+            assert value.startswith("loaded-")
+            assert took < BOUND
+        assert cache.get_or_load("a", loader) == "loaded-1"  # L1 still answers
+    assert cache.stats()["backend_errors"] >= 20
+    # One line when Redis went away, not one per request.
+    assert sum("redis" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records) == 1
+    cache.close()
+
+
+def test_the_cache_recovers_when_the_server_comes_back_empty(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = Cache(own_redis.url, redis_timeout=TIMEOUT, jitter=0, l1_maxsize=0)
+    loader = Counter()
+    cache.get_or_load("k", loader)
+    own_redis.stop()
+    cache.get_or_load("k", loader)
+    own_redis.start()  # same port, no data: a real restart
+    with caplog.at_level(logging.INFO, logger="cachelayer"):
+        cache.get_or_load("k", loader)
+        assert cache.get_or_load("k", loader) == "loaded-3"
+    assert loader.calls == 3
+    assert cache.stats()["redis_healthy"] is True
+    assert "reachable again" in caplog.text
+    cache.close()
+
+
+def test_a_blackholed_server_costs_each_call_at_most_the_timeout(own_redis: RedisServer) -> None:
+    with Proxy(own_redis.port) as proxy:
+        cache = Cache(proxy.url, redis_timeout=TIMEOUT, jitter=0)
+        loader = Counter()
+        cache.get_or_load("warm", loader)
+        proxy.set_mode("blackhole")
+        for i in range(5):
+            value, took = timed(lambda i=i: cache.get_or_load(f"k{i}", loader))
+            assert value.startswith("loaded-")
+            assert took < BOUND
+        proxy.set_mode("pass")
+        cache.close()
+
+
+def test_a_slow_server_within_the_timeout_is_still_used(own_redis: RedisServer) -> None:
+    with Proxy(own_redis.port) as proxy:
+        cache = Cache(proxy.url, redis_timeout=TIMEOUT, jitter=0, l1_maxsize=0)
+        loader = Counter()
+        cache.get_or_load("k", loader)
+        proxy.set_mode("delay", 0.05)
+        assert cache.get_or_load("k", loader) == "loaded-1"
+        assert cache.stats()["backend_errors"] == 0
+        cache.close()
+
+
+def test_connections_dropped_mid_run_fall_through(own_redis: RedisServer) -> None:
+    with Proxy(own_redis.port) as proxy:
+        cache = Cache(proxy.url, redis_timeout=TIMEOUT, jitter=0, l1_maxsize=0)
+        loader = Counter()
+        cache.get_or_load("k", loader)
+        proxy.set_mode("drop")
+        value, took = timed(lambda: cache.get_or_load("k", loader))
+        assert value == "loaded-2" and took < BOUND
+        proxy.set_mode("pass")
+        # Redis is used again: it still holds the first load's fresh entry.
+        assert cache.get_or_load("k", loader) == "loaded-1"
+        assert loader.calls == 2
+        cache.close()
+
+
+def test_async_callers_fall_through_too_and_stay_single_flight(own_redis: RedisServer) -> None:
+    cache = Cache(own_redis.url, redis_timeout=TIMEOUT, jitter=0)
+    own_redis.stop()
+    calls = 0
+
+    async def load() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return "v"
+
+    async def main() -> list[Any]:
+        out = await asyncio.gather(*(cache.aget_or_load("k", load) for _ in range(200)))
+        await cache.aclose()
+        return out
+
+    start = time.monotonic()
+    assert asyncio.run(main()) == ["v"] * 200
+    assert time.monotonic() - start < BOUND + 0.05
+    assert calls == 1
+
+
+def test_threads_while_redis_is_away_load_once_per_key(own_redis: RedisServer) -> None:
+    cache = Cache(own_redis.url, redis_timeout=TIMEOUT, jitter=0)
+    own_redis.stop()
+    calls = 0
+    lock = threading.Lock()
+
+    def load() -> str:
+        nonlocal calls
+        with lock:
+            calls += 1
+        time.sleep(0.1)
+        return "v"
+
+    barrier = threading.Barrier(20)
+    results: list[str] = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(cache.get_or_load("k", load))
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == ["v"] * 20 and calls == 1
+    cache.close()
+
+
+def test_strict_caches_raise_backend_errors_with_the_cause(own_redis: RedisServer) -> None:
+    cache = Cache(own_redis.url, redis_timeout=TIMEOUT, strict=True)
+    own_redis.stop()
+    with pytest.raises(BackendError) as info:
+        cache.get_or_load("k", lambda: 1)
+    assert isinstance(info.value.__cause__, redis.RedisError)
+    cache.close()
+
+
+def test_owned_clients_use_hiredis_and_do_not_retry() -> None:
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE
+    cache = Cache("redis://127.0.0.1:1/0", redis_timeout=TIMEOUT)
+    client = cache._clients.sync_client()
+    kwargs = client.get_connection_kwargs()
+    assert kwargs["retry"].get_retries() == 0
+    assert kwargs["socket_timeout"] == TIMEOUT
+    cache.close()
