@@ -10,7 +10,8 @@ from a corrupt header. Times are wall-clock seconds because several processes sh
 
 Types msgpack has no word for, but that users cache daily, travel as extension types and come
 back equal *and of the same type* (one documented exception: ``bytearray`` and ``memoryview``
-come back as ``bytes``, because msgpack packs every buffer before a hook could see it). Anything else is refused with ``SerializationError`` rather
+come back as ``bytes``, because msgpack packs every buffer before a hook could see it).
+Anything else is refused with ``SerializationError`` rather
 than coerced (a tuple silently becoming a list is a bug that surfaces far from its cause).
 Decoding only ever builds the types listed here, so bytes in Redis cannot run code.
 """

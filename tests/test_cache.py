@@ -11,10 +11,10 @@ from typing import Any
 import msgpack
 import pytest
 import redis
+from conftest import SyncAPI
 
 from cachelayer import Cache, ConfigurationError, InvalidKeyError, Loaded, SerializationError
 from cachelayer.testing import FakeClock
-from conftest import SyncAPI
 
 pytestmark = pytest.mark.redis
 
@@ -43,7 +43,9 @@ def raw(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
-def test_set_then_get_round_trips(api: SyncAPI, make_cache: Callable[..., Cache], tiers: Any) -> None:
+def test_set_then_get_round_trips(
+    api: SyncAPI, make_cache: Callable[..., Cache], tiers: Any
+) -> None:
     cache = make_cache(tiers)
     api.set(cache, "k", {"id": 1, "tags": ("a", "b")})
     assert api.get(cache, "k") == {"id": 1, "tags": ("a", "b")}

@@ -68,10 +68,15 @@ def same(a: Any, b: Any) -> bool:
             any(same(k, k2) and same(v, b[k2]) for k2 in b if k2 == k) for k, v in a.items()
         )
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, (dt.datetime, dt.time)):
-        return a == b and a.tzinfo == b.tzinfo and a.fold == b.fold and (
-            a.tzinfo is None or a.tzname() == b.tzname()  # type: ignore[union-attr]
+        return (
+            a == b
+            and a.tzinfo == b.tzinfo
+            and a.fold == b.fold
+            and (
+                a.tzinfo is None or a.tzname() == b.tzname()  # type: ignore[union-attr]
+            )
         )
     if isinstance(a, decimal.Decimal):
         return str(a) == str(b)  # 19.990 must not come back as 19.99
@@ -191,10 +196,12 @@ hashables = st.recursive(
 )
 values = st.recursive(
     scalars,
-    lambda c: st.lists(c, max_size=4)
-    | st.tuples(c, c)
-    | st.dictionaries(hashables, c, max_size=4)
-    | st.sets(hashables, max_size=4),
+    lambda c: (
+        st.lists(c, max_size=4)
+        | st.tuples(c, c)
+        | st.dictionaries(hashables, c, max_size=4)
+        | st.sets(hashables, max_size=4)
+    ),
     max_leaves=20,
 )
 

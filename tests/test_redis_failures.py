@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import redis
+from proxy import Proxy
 
 from cachelayer import BackendError, Cache
 from cachelayer.testing import RedisServer
-from proxy import Proxy
 
 pytestmark = pytest.mark.redis
 
@@ -53,7 +53,9 @@ def test_a_stopped_server_falls_through_to_the_loader_quickly(
         assert cache.get_or_load("a", loader) == "loaded-1"  # L1 still answers
     assert cache.stats()["backend_errors"] >= 20
     # One line when Redis went away, not one per request.
-    assert sum("redis" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records) == 1
+    assert (
+        sum("redis" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records) == 1
+    )
     cache.close()
 
 
