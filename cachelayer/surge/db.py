@@ -126,14 +126,16 @@ def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
-def _sqlite_script(prefix: str) -> str:
-    return SCHEMA.format(p=prefix)
-
-
 def _seed_rows(sc: Scenario) -> tuple[list[tuple[Any, ...]], ...]:
     rng = random.Random(sc.seed)
     products = [
-        (i, (i - 1) % sc.categories + 1, f"product {i}", rng.randrange(199, 99_999), rng.randrange(50))
+        (
+            i,
+            (i - 1) % sc.categories + 1,
+            f"product {i}",
+            rng.randrange(199, 99_999),
+            rng.randrange(50),
+        )
         for i in range(1, sc.keys + 1)
     ]
     body = "Arrived quickly, works as described, would buy again."
@@ -167,8 +169,8 @@ async def prepare(url: str | None, sc: Scenario) -> Target:
             raise SurgeError(f"cannot open SQLite database {location!r}: {exc}") from None
         try:
             with conn:
-                conn.executescript(_sqlite_script(prefix))
-                for table, rows in zip(TABLES[::-1], (products, reviews, carts)):
+                conn.executescript(SCHEMA.format(p=prefix))
+                for table, rows in zip(TABLES[::-1], (products, reviews, carts), strict=True):
                     marks = ",".join("?" * len(rows[0]))
                     conn.executemany(f"INSERT INTO {prefix}{table} VALUES ({marks})", rows)
             conn.execute("ANALYZE")
@@ -180,7 +182,7 @@ async def prepare(url: str | None, sc: Scenario) -> Target:
     try:
         for statement in SCHEMA.format(p=prefix).split(";"):
             await conn.execute(statement)
-        for table, rows in zip(TABLES[::-1], (products, reviews, carts)):
+        for table, rows in zip(TABLES[::-1], (products, reviews, carts), strict=True):
             await conn.copy_records_to_table(prefix + table, records=rows)
         await conn.execute(f"ANALYZE {prefix}products, {prefix}reviews, {prefix}cart_items")
     except BaseException:
@@ -223,7 +225,7 @@ async def _pg_drop(conn: Any, prefix: str) -> None:
 
 
 async def _pg_connect(url: str) -> Any:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]  # ships no type information
 
     try:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
@@ -281,28 +283,31 @@ class Shop:
 async def connect(target: Target, sc: Scenario) -> Shop:
     """Open ``sc.pool_size`` connections to the prepared tables."""
     if target.kind == "sqlite":
-        executor = ThreadPoolExecutor(sc.pool_size, thread_name_prefix="surge-sqlite")
-        conns = [
-            sqlite3.connect(target.location, check_same_thread=False)
-            for _ in range(sc.pool_size)
-        ]
+        return _connect_sqlite(target, sc)
+    return await _connect_pg(target, sc)
 
-        async def run_sqlite(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Rows:
-            # One thread per connection at a time; sqlite3 releases the GIL while it works.
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(executor, _sqlite_fetch, conn, sql, args)
 
-        async def close_sqlite(taken: list[sqlite3.Connection]) -> None:
-            for conn in conns:
-                conn.close()
-            executor.shutdown(wait=True)
+def _connect_sqlite(target: Target, sc: Scenario) -> Shop:
+    executor = ThreadPoolExecutor(sc.pool_size, thread_name_prefix="surge-sqlite")
+    conns = [sqlite3.connect(target.location, check_same_thread=False) for _ in range(sc.pool_size)]
 
-        pool: Pool[Any] = Pool(
-            conns, run_sqlite, timeout=sc.pool_timeout, delay=sc.db_delay, seed=sc.seed
-        )
-        return Shop(target, pool, close_sqlite)
+    async def run(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Rows:
+        # The pool lends a connection to one query at a time, so a connection is never used
+        # by two threads at once; sqlite3 releases the GIL while SQLite works.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, _sqlite_fetch, conn, sql, args)
 
-    conns = []
+    async def close(taken: list[sqlite3.Connection]) -> None:
+        for conn in conns:
+            conn.close()
+        executor.shutdown(wait=True)
+
+    pool = Pool(conns, run, timeout=sc.pool_timeout, delay=sc.db_delay, seed=sc.seed)
+    return Shop(target, pool, close)
+
+
+async def _connect_pg(target: Target, sc: Scenario) -> Shop:
+    conns: list[Any] = []
     try:
         for _ in range(sc.pool_size):
             conns.append(await _pg_connect(target.location))
@@ -310,14 +315,14 @@ async def connect(target: Target, sc: Scenario) -> Shop:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         raise
 
-    async def run_pg(conn: Any, sql: str, args: tuple[Any, ...]) -> Rows:
+    async def run(conn: Any, sql: str, args: tuple[Any, ...]) -> Rows:
         return [tuple(r) for r in await conn.fetch(sql, *args)]
 
-    async def close_pg(taken: list[Any]) -> None:
+    async def close(taken: list[Any]) -> None:
         await asyncio.gather(*(c.close(timeout=5) for c in conns), return_exceptions=True)
 
-    pool = Pool(conns, run_pg, timeout=sc.pool_timeout, delay=sc.db_delay, seed=sc.seed)
-    return Shop(target, pool, close_pg)
+    pool: Pool[Any] = Pool(conns, run, timeout=sc.pool_timeout, delay=sc.db_delay, seed=sc.seed)
+    return Shop(target, pool, close)
 
 
 def _sqlite_fetch(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Rows:

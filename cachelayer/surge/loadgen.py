@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -20,12 +20,22 @@ from .app import SESSION_COOKIE
 from .db import session_token
 from .metrics import DROPPED, ERROR, OK, TIMEOUT, RequestLog
 from .scenario import Arrival, Phase, phase_at
+from .wire import WireError
 
 MAX_IN_FLIGHT = 20_000  # beyond this a request is not sent at all and counted as dropped
 PROGRESS_EVERY = 0.25  # seconds between progress callbacks
 
 # (seconds into the run, phase name, requests finished, requests failed)
 Progress = Callable[[float, str, int, int], None]
+# Sends one GET (path, headers) to the shop and returns the status code.
+Get = Callable[[str, dict[str, str]], Awaitable[int]]
+
+
+def httpx_get(client: httpx.AsyncClient) -> Get:
+    async def get(path: str, headers: dict[str, str]) -> int:
+        return (await client.get(path, headers=headers)).status_code
+
+    return get
 
 
 async def post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -38,13 +48,17 @@ async def post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> di
 
 async def generate(
     client: httpx.AsyncClient,
+    get: Get,
     arrivals: Sequence[Arrival],
     phases: Sequence[Phase],
     *,
     request_timeout: float,
     progress: Progress | None = None,
 ) -> RequestLog:
-    """Replay ``arrivals`` against ``client``; returns one log entry per arrival."""
+    """Replay ``arrivals`` through ``get``; returns one log entry per arrival.
+
+    ``client`` carries the control calls (start, brown-out on and off), apart from the load.
+    """
     n = len(arrivals)
     log = RequestLog([0.0] * n, [DROPPED] * n, [0.0] * n)
     done = [0, 0]  # finished, failed
@@ -55,13 +69,15 @@ async def generate(
     async def send(i: int, a: Arrival) -> None:
         due = t0 + a.at
         log.send_lag[i] = time.monotonic() - due
-        headers = {"cookie": f"{SESSION_COOKIE}={session_token(a.ident)}"} if a.kind == "cart" else {}
+        headers = (
+            {"cookie": f"{SESSION_COOKIE}={session_token(a.ident)}"} if a.kind == "cart" else {}
+        )
         try:
-            resp = await asyncio.wait_for(client.get(a.path, headers=headers), request_timeout)
-            outcome = OK if resp.status_code < 400 else ERROR
+            status = await asyncio.wait_for(get(a.path, headers), request_timeout)
+            outcome = OK if status < 400 else ERROR
         except asyncio.TimeoutError:
             outcome = TIMEOUT
-        except httpx.HTTPError:
+        except (httpx.HTTPError, WireError):
             outcome = ERROR  # the server refused or dropped the connection
         log.latency[i] = time.monotonic() - due
         log.outcome[i] = outcome
@@ -93,10 +109,10 @@ async def generate(
             await asyncio.wait(in_flight, timeout=request_timeout + 5.0)
         await control
     finally:
-        for task in (*in_flight, control, reporter):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*in_flight, control, *[reporter] if reporter else [], return_exceptions=True)
+        helpers = [control] if reporter is None else [control, reporter]
+        for task in (*in_flight, *helpers):
+            task.cancel()
+        await asyncio.gather(*in_flight, *helpers, return_exceptions=True)
         # The run is over: a brown-out must not leak into whatever happens next.
         await post(client, "/_surge/degrade", {"slowdown": 1.0, "fail_share": 0.0})
     return log

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .scenario import Arrival, Phase, phase_at
+from .scenario import Arrival, Phase
 
 BUCKET = 0.5  # seconds per point of the timeline
 
@@ -57,7 +57,7 @@ def timeline(
     n = max(1, math.ceil(duration / BUCKET))
     latencies: list[list[float]] = [[] for _ in range(n)]
     errors = [0] * n
-    for a, lat, out in zip(arrivals, log.latency, log.outcome):
+    for a, lat, out in zip(arrivals, log.latency, log.outcome, strict=True):
         i = min(n - 1, int(a.at // BUCKET))
         latencies[i].append(lat)
         errors[i] += out != OK
@@ -86,7 +86,12 @@ def summarize(
     pool = app_metrics["pool"]
     lat = log.latency
     brownout = [p for p in phases if p.fail_share or p.slowdown != 1.0]
-    in_brownout = [phase_at(list(phases), a.at) in brownout for a in arrivals]
+    # A request is the brown-out's if it was in flight at any moment of it: one sent just
+    # before the database degraded can still be failed by it.
+    in_brownout = [
+        any(a.at < p.end and a.at + latency >= p.start for p in brownout)
+        for a, latency in zip(arrivals, lat, strict=True)
+    ]
     failed = [out != OK for out in log.outcome]
     queries = int(pool["queries"])
     per_phase = {}
@@ -106,8 +111,10 @@ def summarize(
         "errors": log.outcome.count(ERROR),
         "timeouts": log.outcome.count(TIMEOUT),
         "dropped": log.outcome.count(DROPPED),
-        "failed_in_brownout": sum(f and b for f, b in zip(failed, in_brownout)),
-        "failed_outside_brownout": sum(f and not b for f, b in zip(failed, in_brownout)),
+        "failed_in_brownout": sum(f and b for f, b in zip(failed, in_brownout, strict=True)),
+        "failed_outside_brownout": sum(
+            f and not b for f, b in zip(failed, in_brownout, strict=True)
+        ),
         "p50_ms": percentile(lat, 50) * 1000,
         "p95_ms": percentile(lat, 95) * 1000,
         "p99_ms": percentile(lat, 99) * 1000,
@@ -136,7 +143,7 @@ def targets(
 ) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured figure and whether it was met."""
     base_p99 = nocache["phases"]["baseline"]["p99_ms"]
-    surge_p99 = max(nocache["phases"][p]["p99_ms"] for p in ("surge", "brown-out"))
+    surge_p99 = nocache["phases"]["surge"]["p99_ms"]
     no_failed = nocache["requests"] - nocache["ok"]
     c_failed = cached["requests"] - cached["ok"]
     return [

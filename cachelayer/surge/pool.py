@@ -79,6 +79,8 @@ class Pool(Generic[C]):
         self._free = list(connections)
         self._waiters: collections.deque[asyncio.Future[C]] = collections.deque()
         self.size = len(connections)
+        self._all_free = asyncio.Event()
+        self._all_free.set()
         self._execute = execute
         self._timeout = timeout
         self._delay = delay
@@ -112,6 +114,7 @@ class Pool(Generic[C]):
 
     async def _acquire(self) -> C:
         if self._free and not self._waiters:
+            self._all_free.clear()
             return self._free.pop()
         # First come, first served: a released connection is handed to the oldest waiter.
         loop = asyncio.get_running_loop()
@@ -140,6 +143,8 @@ class Pool(Generic[C]):
                 fut.set_result(conn)
                 return
         self._free.append(conn)
+        if len(self._free) == self.size:
+            self._all_free.set()
 
     async def _hold(self, conn: C, m: PoolMetrics, sql: str, args: tuple[Any, ...]) -> Rows:
         m.in_use += 1
@@ -170,8 +175,9 @@ class Pool(Generic[C]):
 
     async def drain(self, timeout: float = 30.0) -> list[C]:
         """Wait (bounded) for in-flight queries to hand their connections back; take them all."""
-        deadline = time.monotonic() + timeout
-        while len(self._free) < self.size and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(self._all_free.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass  # a query stuck beyond the bound: close what came back, report nothing more
         taken, self._free = self._free, []
         return taken

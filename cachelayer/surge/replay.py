@@ -23,9 +23,10 @@ import httpx
 
 from . import db
 from .app import build_app, make_cache
-from .loadgen import MAX_IN_FLIGHT, Progress, generate
+from .loadgen import Get, Progress, generate, httpx_get
 from .metrics import summarize, targets
 from .scenario import Scenario, SurgeError, distinct_keys_per_window, schedule
+from .wire import LoopbackClient
 
 RUNS = (("no cache", False), ("cachelayer", True))
 SERVER_START_TIMEOUT = 30.0
@@ -75,13 +76,13 @@ def forget_namespace(url: str | None, namespace: str) -> None:
 @contextlib.asynccontextmanager
 async def in_process(
     target: db.Target, sc: Scenario, cached: bool, redis_url: str | None, namespace: str
-) -> AsyncIterator[httpx.AsyncClient]:
+) -> AsyncIterator[tuple[httpx.AsyncClient, Get]]:
     shop = await db.connect(target, sc)
     cache = make_cache(sc, redis_url, namespace) if cached else None
     try:
         transport = httpx.ASGITransport(app=build_app(shop, cache))
         async with httpx.AsyncClient(transport=transport, base_url="http://shop.local") as client:
-            yield client
+            yield client, httpx_get(client)
     finally:
         if cache is not None:
             await cache.aclose()
@@ -91,7 +92,7 @@ async def in_process(
 @contextlib.asynccontextmanager
 async def served(
     target: db.Target, sc: Scenario, cached: bool, redis_url: str | None, namespace: str
-) -> AsyncIterator[httpx.AsyncClient]:
+) -> AsyncIterator[tuple[httpx.AsyncClient, Get]]:
     from cachelayer.testing import free_port
 
     port = free_port()
@@ -106,12 +107,13 @@ async def served(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cachelayer.surge.serve", json.dumps(spec)
     )
-    limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT)
+    load = LoopbackClient(port)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             await _wait_until_serving(client, proc)
-            yield client
+            yield client, load.get
     finally:
+        await load.aclose()
         if proc.returncode is None:
             proc.terminate()  # uvicorn shuts down gracefully: pool and cache are closed
             try:
@@ -159,9 +161,10 @@ async def replay(
             namespace = f"surge-{uuid.uuid4().hex[:12]}"
             app = served if serve else in_process
             try:
-                async with app(target, sc, cached, redis_url, namespace) as client:
+                async with app(target, sc, cached, redis_url, namespace) as (client, get):
                     log = await generate(
                         client,
+                        get,
                         arrivals,
                         phases,
                         request_timeout=sc.request_timeout,
@@ -182,7 +185,9 @@ async def replay(
         "phases": [dataclasses.asdict(p) for p in phases],
         "database": target.label,
         "cache_tiers": "L1 + Redis" if redis_url else "L1 only",
-        "app": "uvicorn on 127.0.0.1, generator in another process" if serve else "in process (ASGI)",
+        "app": "uvicorn on 127.0.0.1, generator in another process"
+        if serve
+        else "in process (ASGI)",
         "distinct_keys_per_ttl_window": floor,
         "runs": runs,
         "targets": targets(runs[0], runs[1], floor),

@@ -43,7 +43,7 @@ class Scenario:
     """The knobs of one replay; both runs (no cache, cachelayer) share them."""
 
     duration: float = 12.0  # seconds per run
-    rate: float = 40.0  # baseline requests per second
+    rate: float = 60.0  # baseline requests per second
     surge: float = 10.0  # peak rate as a multiple of the baseline
     ramp: float = 1.5  # seconds from baseline to peak
     keys: int = 1000  # products in the catalog (categories: one per 50 products)
@@ -51,7 +51,7 @@ class Scenario:
     zipf_s: float = 1.1  # popularity skew of products and categories
     cart_share: float = 0.15  # share of requests that are /cart lookups
     category_share: float = 0.15  # share that are /categories/{id}
-    reviews: int = 120  # reviews per product: the work a catalog query aggregates
+    reviews: int = 300  # reviews per product: the work a catalog query aggregates
     pool_size: int = 10
     pool_timeout: float = 1.0  # an app waits this long for a connection, then answers 503
     request_timeout: float = 2.0  # the client gives up after this long
@@ -158,7 +158,7 @@ class ZipfSampler:
         if n < 1:
             raise ValueError("a Zipf sampler needs at least one item")
         self._rng = rng
-        self._cumulative = list(itertools.accumulate(1.0 / k**s for k in range(1, n + 1)))
+        self._cumulative = list(itertools.accumulate(1.0 / float(k**s) for k in range(1, n + 1)))
 
     def __call__(self) -> int:
         u = self._rng.random() * self._cumulative[-1]
