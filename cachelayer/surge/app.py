@@ -22,9 +22,16 @@ from .pool import DatabaseError, InjectedFailureError, PoolTimeoutError
 from .scenario import Scenario
 
 SESSION_COOKIE = "session"
-# The failures a shop under overload really produces; anything else is a bug in the replay
-# and must surface as one rather than be counted as load.
-OVERLOAD_ERRORS = (PoolTimeoutError, InjectedFailureError, DatabaseError)
+# Each failure a shop under overload really produces answers with its own status, so the
+# load generator can tell the brown-out's injected failures from the overload's. Anything
+# else is a bug in the replay and must surface as one rather than be counted as load.
+FAILURE_STATUS: dict[type[Exception], int] = {
+    InjectedFailureError: 502,  # the database failed the query (the brown-out's share)
+    PoolTimeoutError: 503,  # no connection became free in time
+    DatabaseError: 500,  # the database really failed
+}
+INJECTED_STATUS = FAILURE_STATUS[InjectedFailureError]
+OVERLOAD_ERRORS = tuple(FAILURE_STATUS)
 
 
 def make_cache(sc: Scenario, redis_url: str | None, namespace: str) -> Any:
@@ -48,7 +55,7 @@ def build_app(
         try:
             body = await read()
         except OVERLOAD_ERRORS as exc:
-            return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=503)
+            return JSONResponse({"error": str(exc)}, status_code=FAILURE_STATUS[type(exc)])
         if body is None:
             return JSONResponse({"error": "not found"}, status_code=404)
         return JSONResponse(body)

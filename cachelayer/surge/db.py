@@ -207,6 +207,10 @@ async def drop(target: Target) -> None:
         try:
             for table in TABLES:
                 conn.execute(f"DROP TABLE IF EXISTS {target.prefix}{table}")
+            # ANALYZE made the statistics table; leave it only if something else uses it.
+            stats = conn.execute("SELECT name FROM sqlite_master WHERE name = 'sqlite_stat1'")
+            if stats.fetchone() and not conn.execute("SELECT 1 FROM sqlite_stat1").fetchone():
+                conn.execute("DROP TABLE sqlite_stat1")
             conn.commit()
         finally:
             conn.close()

@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 
-from .app import SESSION_COOKIE
+from .app import INJECTED_STATUS, SESSION_COOKIE
 from .db import session_token
-from .metrics import DROPPED, ERROR, OK, TIMEOUT, RequestLog
+from .metrics import DROPPED, ERROR, INJECTED, OK, TIMEOUT, RequestLog
 from .scenario import Arrival, Phase, phase_at
 from .wire import WireError
 
@@ -74,7 +74,7 @@ async def generate(
         )
         try:
             status = await asyncio.wait_for(get(a.path, headers), request_timeout)
-            outcome = OK if status < 400 else ERROR
+            outcome = OK if status < 400 else INJECTED if status == INJECTED_STATUS else ERROR
         except asyncio.TimeoutError:
             outcome = TIMEOUT
         except (httpx.HTTPError, WireError):

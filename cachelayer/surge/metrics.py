@@ -18,6 +18,7 @@ from .scenario import Arrival, Phase
 BUCKET = 0.5  # seconds per point of the timeline
 
 OK, ERROR, TIMEOUT, DROPPED = "ok", "error", "timeout", "dropped"
+INJECTED = "injected"  # failed by the brown-out's injected query failures
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -109,6 +110,7 @@ def summarize(
         "requests": len(arrivals),
         "ok": log.outcome.count(OK),
         "errors": log.outcome.count(ERROR),
+        "injected_failures": log.outcome.count(INJECTED),
         "timeouts": log.outcome.count(TIMEOUT),
         "dropped": log.outcome.count(DROPPED),
         "failed_in_brownout": sum(f and b for f, b in zip(failed, in_brownout, strict=True)),

@@ -184,6 +184,7 @@ async def replay(
         "scenario": dataclasses.asdict(sc),
         "phases": [dataclasses.asdict(p) for p in phases],
         "database": target.label,
+        "table_prefix": target.prefix,
         "cache_tiers": "L1 + Redis" if redis_url else "L1 only",
         "app": "uvicorn on 127.0.0.1, generator in another process"
         if serve

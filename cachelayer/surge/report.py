@@ -18,13 +18,15 @@ def _ms(v: Any) -> str:
 
 
 def _cache(field: str) -> Callable[[dict[str, Any]], str]:
-    return lambda r: _int(r["cache"][field]) if r["cache"] else "-"
+    # "-" where there is no cache, or where this version of the cache does not count it.
+    return lambda r: _int(r["cache"][field]) if field in (r["cache"] or {}) else "-"
 
 
 ROWS: list[Row] = [
     ("requests scheduled", lambda r: _int(r["requests"])),
     ("  answered OK", lambda r: _int(r["ok"])),
-    ("  errors (HTTP 5xx)", lambda r: _int(r["errors"])),
+    ("  failed by injected DB failure", lambda r: _int(r["injected_failures"])),
+    ("  failed by overload (HTTP 5xx)", lambda r: _int(r["errors"])),
     ("  client timeouts", lambda r: _int(r["timeouts"])),
     ("  not sent (generator cap)", lambda r: _int(r["dropped"])),
     ("  failed outside brown-out", lambda r: _int(r["failed_outside_brownout"])),
