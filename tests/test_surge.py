@@ -9,6 +9,7 @@ machine running the tests is shared and its speed is not ours to assert.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import subprocess
 import sys
@@ -19,12 +20,12 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 
-from cachelayer import cli  # noqa: E402
-from cachelayer.surge import db, replay  # noqa: E402
-from cachelayer.surge.metrics import RequestLog, percentile, summarize, targets  # noqa: E402
-from cachelayer.surge.pool import Pool, PoolTimeoutError  # noqa: E402
-from cachelayer.surge.report import table  # noqa: E402
-from cachelayer.surge.scenario import (  # noqa: E402
+from cachelayer import cli
+from cachelayer.surge import db, replay
+from cachelayer.surge.metrics import RequestLog, percentile, summarize, targets
+from cachelayer.surge.pool import Pool, PoolTimeoutError
+from cachelayer.surge.report import table
+from cachelayer.surge.scenario import (
     Arrival,
     Scenario,
     ScenarioError,
@@ -33,8 +34,8 @@ from cachelayer.surge.scenario import (  # noqa: E402
     distinct_keys_per_window,
     schedule,
 )
-from cachelayer.surge.wire import WireError, _parse_head  # noqa: E402
-from cachelayer.testing import free_port  # noqa: E402
+from cachelayer.surge.wire import WireError, _parse_head
+from cachelayer.testing import free_port
 
 # Small enough to replay in a few seconds, big enough that the surge overloads a pool of 2.
 SHORT = {"duration": 3.0, "rate": 25.0, "keys": 200, "sessions": 50, "reviews": 40, "ttl": 1.0}
@@ -75,7 +76,7 @@ def test_phases_cover_the_run_and_only_the_brownout_degrades_the_database() -> N
     phases = sc.phases()
     assert [p.name for p in phases] == ["baseline", "ramp", "surge", "brown-out", "recovery"]
     assert phases[0].start == 0 and phases[-1].end == sc.duration
-    assert all(a.end == b.start for a, b in zip(phases, phases[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(phases))
     degraded = [p.name for p in phases if p.slowdown != 1 or p.fail_share]
     assert degraded == ["brown-out"]
 
@@ -129,7 +130,7 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 100) == 100
     assert percentile([3.0], 99) == 3.0
     assert percentile([], 99) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="percentile"):
         percentile(values, 0)
 
 
