@@ -91,8 +91,13 @@ async def call_raw(
         "headers": [(b"host", b"shop.test"), *headers],
     }  # fmt: skip
     sent: list[dict[str, Any]] = []
+    requested = False
 
     async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if requested:  # like a server: nothing more until the client goes away
+            await asyncio.Event().wait()
+        requested = True
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
