@@ -251,7 +251,7 @@ def test_variants_per_url_are_bounded() -> None:
 
     async def scenario() -> None:
         async with origin.client() as c:
-            for round_ in range(2):
+            for _round in range(2):
                 for n in range(8):
                     await c.get("/", headers={"X-Junk": str(n)})
         # value 0 lives in the primary entry, 1..3 are variants, 4..7 are never stored
@@ -384,7 +384,7 @@ def test_streams_pass_through_without_buffering_and_big_ones_are_not_stored() ->
         assert sent[0]["type"] == "http.response.start" and sent[1]["body"] == b"a" * 60
         release.set()
         await asyncio.wait_for(task, 5)
-        status, _, body = await call_raw(origin.app, "/", headers=[])
+        _, _, body = await call_raw(origin.app, "/", headers=[])
         assert body == b"a" * 60 + b"b" * 60
         assert origin.n("/") == 2
 

@@ -194,7 +194,7 @@ def test_ambiguous_paths_go_around_the_cache(path: str, raw_path: bytes) -> None
 
     async def scenario() -> None:
         for _ in range(2):
-            status, headers, _ = await call_raw(origin.app, path, raw_path=raw_path)
+            _, headers, _ = await call_raw(origin.app, path, raw_path=raw_path)
             assert headers[b"cache-status"] == b"cachelayer; fwd=bypass; detail=uri"
         assert origin.n("/{rest:path}") == 2
 

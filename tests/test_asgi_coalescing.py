@@ -1,0 +1,246 @@
+"""Concurrent identical requests reach the app once; uncacheable URLs are not queued; stale
+serving and tag invalidation (which wait on the core) are written down as strict xfails."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from test_asgi_helpers import Origin, run
+
+from cachelayer import Cache
+from cachelayer.testing import FakeClock
+
+N = 300
+
+
+class Gate:
+    """Outer middleware: ``ready`` is set once ``n`` requests are inside, so the one request
+    that reaches the app can hold the flight open until all the others have joined it."""
+
+    def __init__(self, app: Any, n: int, ready: asyncio.Event) -> None:
+        self.app, self.n, self.ready, self.entered = app, n, ready, 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.entered += 1
+            if self.entered >= self.n:
+                self.ready.set()
+        await self.app(scope, receive, send)
+
+
+def gated(routes: dict[str, Any], n: int, ready: asyncio.Event, **kw: Any) -> Origin:
+    return Origin(routes, outer=[Middleware(Gate, n=n, ready=ready)], **kw)
+
+
+def test_hundreds_of_concurrent_requests_for_a_cold_url_reach_the_app_once() -> None:
+    ready = asyncio.Event()
+
+    async def page(request: Request) -> Response:
+        await asyncio.wait_for(ready.wait(), 5)
+        return Response("product page", headers={"Cache-Control": "max-age=60"})
+
+    origin = gated({"/product/1": page}, N, ready)
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            responses = await asyncio.gather(*[c.get("/product/1") for _ in range(N)])
+        assert {r.status_code for r in responses} == {200}
+        assert {r.text for r in responses} == {"product page"}
+        assert origin.n("/product/1") == 1
+
+    run(scenario())
+
+
+@pytest.mark.redis
+def test_coalescing_with_redis_and_the_next_process_reads_l2(redis_url: str) -> None:
+    ready = asyncio.Event()
+
+    async def page(request: Request) -> Response:
+        await asyncio.wait_for(ready.wait(), 5)
+        return Response("listing", headers={"Cache-Control": "s-maxage=60"})
+
+    cache = Cache(redis_url, jitter=0.0, namespace="coalesce")
+    origin = gated({"/list": page}, 200, ready, cache=cache)
+    other = Origin({"/list": page}, cache=Cache(redis_url, jitter=0.0, namespace="coalesce"))
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            responses = await asyncio.gather(*[c.get("/list") for _ in range(200)])
+        assert {r.text for r in responses} == {"listing"} and origin.n("/list") == 1
+        async with other.client() as c:
+            assert (await c.get("/list")).headers["cache-status"].startswith("cachelayer; hit")
+        assert other.n("/list") == 0
+        await cache.aclose()
+        await other.cache.aclose()
+
+    run(scenario())
+
+
+def test_waiters_of_an_unshareable_response_ask_the_app_themselves() -> None:
+    async def welcome(request: Request) -> Response:
+        await asyncio.sleep(0.05)
+        who = request.headers.get("x-user", "?")
+        r = Response(f"hi {who}", headers={"Cache-Control": "public, max-age=60"})
+        r.set_cookie("sid", f"sid-of-{who}")
+        return r
+
+    origin = Origin({"/": welcome})
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            users = [str(i) for i in range(50)]
+            responses = await asyncio.gather(*[c.get("/", headers={"X-User": u}) for u in users])
+        for user, r in zip(users, responses, strict=True):
+            assert r.text == f"hi {user}" and r.cookies["sid"] == f"sid-of-{user}"
+
+    run(scenario())
+
+
+def test_waiters_with_another_variant_are_redispatched_not_served_the_wrong_one() -> None:
+    async def lang(request: Request) -> Response:
+        await asyncio.sleep(0.05)
+        value = request.headers.get("accept-language", "-")
+        return Response(value, headers={"Cache-Control": "max-age=60", "Vary": "Accept-Language"})
+
+    origin = Origin({"/": lang})
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            langs = ["en", "fr", "de"] * 40
+            responses = await asyncio.gather(
+                *[c.get("/", headers={"Accept-Language": v}) for v in langs]
+            )
+        assert [r.text for r in responses] == langs
+        # one load for the winner's variant, then one per other variant (coalesced too)
+        assert origin.n("/") <= 5
+
+    run(scenario())
+
+
+def test_hit_for_miss_lets_requests_to_uncacheable_urls_run_side_by_side() -> None:
+    running = peak = 0
+
+    async def live(request: Request) -> Response:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return Response("live", headers={"Cache-Control": "no-store"})
+
+    origin = Origin({"/live": live})
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            first = await c.get("/live")
+            assert first.headers["cache-status"] == "cachelayer; fwd=uri-miss; detail=no-store"
+            responses = await asyncio.gather(*[c.get("/live") for _ in range(20)])
+        assert all("hit-for-miss" in r.headers["cache-status"] for r in responses)
+        assert peak == 20 and origin.n("/live") == 21
+
+    run(scenario())
+
+
+def test_a_failing_app_fails_its_own_request_and_waiters_ask_again() -> None:
+    calls = 0
+
+    async def flaky(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        if calls == 1:
+            raise RuntimeError("database went away")
+        return Response("ok", headers={"Cache-Control": "max-age=60"})
+
+    origin = Origin({"/": flaky})
+
+    async def scenario() -> None:
+        from httpx import ASGITransport, AsyncClient
+
+        transport = ASGITransport(app=origin.app, raise_app_exceptions=False)
+        async with AsyncClient(transport=transport, base_url="http://shop.test") as c:
+            responses = await asyncio.gather(*[c.get("/") for _ in range(10)])
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(500) == 1 and codes.count(200) == 9
+
+    run(scenario())
+
+
+# --- waiting on the core ----------------------------------------------------------------------
+
+NEEDS_CORE = "needs stale serving / tag invalidation in the core"
+
+
+@pytest.mark.xfail(reason=NEEDS_CORE, strict=True, raises=AssertionError)
+def test_stale_while_revalidate_serves_the_stale_page_while_refreshing() -> None:
+    version = 0
+
+    async def page(request: Request) -> Response:
+        nonlocal version
+        version += 1
+        cc = "max-age=10, stale-while-revalidate=30"
+        return Response(f"v{version}", headers={"Cache-Control": cc})
+
+    clock = FakeClock()
+    origin = Origin({"/": page}, cache=Cache(None, jitter=0.0, clock=clock))
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            assert (await c.get("/")).text == "v1"
+            clock.advance(15)
+            stale = await c.get("/")
+            assert stale.text == "v1"
+            assert stale.headers["cache-status"].startswith("cachelayer; fwd=stale")
+            assert stale.headers["age"] == "15"
+
+    run(scenario())
+
+
+@pytest.mark.xfail(reason=NEEDS_CORE, strict=True, raises=AssertionError)
+def test_stale_if_error_serves_the_stale_page_when_the_app_fails() -> None:
+    healthy = True
+
+    async def page(request: Request) -> Response:
+        if not healthy:
+            return Response("down", status_code=503)
+        return Response("good", headers={"Cache-Control": "max-age=10, stale-if-error=60"})
+
+    clock = FakeClock()
+    origin = Origin({"/": page}, cache=Cache(None, jitter=0.0, clock=clock))
+
+    async def scenario() -> None:
+        nonlocal healthy
+        async with origin.client() as c:
+            await c.get("/")
+            healthy = False
+            clock.advance(20)
+            assert (await c.get("/")).text == "good"
+
+    run(scenario())
+
+
+@pytest.mark.xfail(reason=NEEDS_CORE, strict=True, raises=NotImplementedError)
+def test_cache_tags_from_the_response_invalidate_pages() -> None:
+    version = 0
+
+    async def page(request: Request) -> Response:
+        nonlocal version
+        version += 1
+        return Response(
+            f"v{version}", headers={"Cache-Control": "max-age=60", "Cache-Tag": "catalog"}
+        )
+
+    origin = Origin({"/": page})
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            assert (await c.get("/")).text == "v1"
+            await origin.cache.ainvalidate_tags("catalog")
+            assert (await c.get("/")).text == "v2"
+
+    run(scenario())
