@@ -155,7 +155,7 @@ def fake_result() -> dict[str, Any]:
         }
         cache = {"l1_hits": n - queries, "l2_hits": 0, "loads": queries, "coalesced": 1}
         metrics = {"pool": pool, "pool_size": 10, "cache": cache if queries < n else None}
-        runs.append(summarize(name, arrivals, log, metrics, sc.phases(), sc.duration))
+        runs.append(summarize(name, arrivals, log, metrics, sc.phases(), sc.duration, 1.0))
     floor = distinct_keys_per_window(arrivals, sc.ttl)
     return {
         "scenario": sc.__dict__,

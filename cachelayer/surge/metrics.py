@@ -52,24 +52,26 @@ def _bucketed(times: Sequence[float], duration: float) -> list[int]:
 
 
 def timeline(
-    arrivals: Sequence[Arrival], log: RequestLog, query_times: Sequence[float], duration: float
-) -> list[dict[str, float]]:
-    """Per ``BUCKET`` of scheduled time: request rate, error rate, DB query rate, p99."""
-    n = max(1, math.ceil(duration / BUCKET))
+    arrivals: Sequence[Arrival], log: RequestLog, query_times: Sequence[float], span: float
+) -> list[dict[str, float | None]]:
+    """Per ``BUCKET``: requests scheduled and answered OK, DB queries started, and the p99 of
+    the requests scheduled in it (None where none were). ``span`` covers the run and the
+    tail after it, when queued requests still reach the database."""
+    n = max(1, math.ceil(span / BUCKET))
     latencies: list[list[float]] = [[] for _ in range(n)]
-    errors = [0] * n
+    answered = [0] * n
     for a, lat, out in zip(arrivals, log.latency, log.outcome, strict=True):
         i = min(n - 1, int(a.at // BUCKET))
         latencies[i].append(lat)
-        errors[i] += out != OK
-    queries = _bucketed(query_times, duration)
+        answered[i] += out == OK
+    queries = _bucketed(query_times, span)
     return [
         {
             "t": round(i * BUCKET, 3),
             "requests_per_s": len(latencies[i]) / BUCKET,
-            "errors_per_s": errors[i] / BUCKET,
+            "ok_per_s": answered[i] / BUCKET,
             "db_queries_per_s": queries[i] / BUCKET,
-            "p99_ms": percentile(latencies[i], 99) * 1000,
+            "p99_ms": percentile(latencies[i], 99) * 1000 if latencies[i] else None,
         }
         for i in range(n)
     ]
@@ -82,8 +84,13 @@ def summarize(
     app_metrics: dict[str, Any],
     phases: Sequence[Phase],
     duration: float,
+    tail: float,
 ) -> dict[str, Any]:
-    """Everything one run reports, as plain JSON-ready values (seconds become ms)."""
+    """Everything one run reports, as plain JSON-ready values (seconds become ms).
+
+    ``tail`` is how long after the schedule's end requests may still be in flight (their
+    queries are counted and charted where they happened, not folded into the last instant).
+    """
     pool = app_metrics["pool"]
     lat = log.latency
     brownout = [p for p in phases if p.fail_share or p.slowdown != 1.0]
@@ -124,7 +131,7 @@ def summarize(
         "max_send_lag_ms": max(log.send_lag, default=0.0) * 1000,
         "db_queries": queries,
         "db_queries_per_s": queries / duration,
-        "db_peak_queries_per_s": max(_bucketed(pool["query_times"], duration)) / BUCKET,
+        "db_peak_queries_per_s": max(_bucketed(pool["query_times"], duration + tail)) / BUCKET,
         "db_query_ms_mean": 1000 * pool["query_seconds"] / queries if queries else 0.0,
         "db_injected_delay_s": pool["injected_seconds"],
         "db_injected_failures": pool["injected_failures"],
@@ -136,7 +143,7 @@ def summarize(
         "pool_timeouts": pool["pool_timeouts"],
         "cache": cache,
         "phases": per_phase,
-        "timeline": timeline(arrivals, log, pool["query_times"], duration),
+        "timeline": timeline(arrivals, log, pool["query_times"], duration + tail),
     }
 
 

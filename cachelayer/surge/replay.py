@@ -174,7 +174,8 @@ async def replay(
             finally:
                 if cached:
                     await asyncio.to_thread(forget_namespace, redis_url, namespace)
-            runs.append(summarize(name, arrivals, log, app_metrics, phases, sc.duration))
+            tail = sc.request_timeout
+            runs.append(summarize(name, arrivals, log, app_metrics, phases, sc.duration, tail))
             runs[-1]["cache_repr"] = app_metrics.get("cache_repr")
     finally:
         await db.drop(target)
