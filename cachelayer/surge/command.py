@@ -27,16 +27,16 @@ class LiveLine:
         width = 30
         finished = False
 
-        def show(elapsed: float, phase: str, done: int, failed: int) -> None:
+        def show(elapsed: float, phase: str, done: int, failed: int, final: bool) -> None:
             nonlocal finished
             if finished:
                 return
-            finished = elapsed >= self._total
+            finished = final
             filled = int(width * elapsed / self._total) if self._total else width
             bar = "#" * filled + "." * (width - filled)
             line = (
                 f"\r{run_name:>10} [{bar}] {elapsed:5.1f}/{self._total:g}s {phase:<9} "
-                f"{done:>7,} answered {failed:>6,} failed"
+                f"{done:>7,} done {failed:>6,} failed"
             )
             end = "\n" if finished else ""
             self._stream.write(line + end)

@@ -25,8 +25,8 @@ from .wire import WireError
 MAX_IN_FLIGHT = 20_000  # beyond this a request is not sent at all and counted as dropped
 PROGRESS_EVERY = 0.25  # seconds between progress callbacks
 
-# (seconds into the run, phase name, requests finished, requests failed)
-Progress = Callable[[float, str, int, int], None]
+# (seconds into the run, phase name, requests finished, requests failed, final report)
+Progress = Callable[[float, str, int, int, bool], None]
 # Sends one GET (path, headers) to the shop and returns the status code.
 Get = Callable[[str, dict[str, str]], Awaitable[int]]
 
@@ -108,6 +108,8 @@ async def generate(
         if in_flight:
             await asyncio.wait(in_flight, timeout=request_timeout + 5.0)
         await control
+        if progress is not None:  # the final count, once every request has its outcome
+            progress(phases[-1].end, phases[-1].name, done[0], done[1], True)
     finally:
         helpers = [control] if reporter is None else [control, reporter]
         for task in (*in_flight, *helpers):
@@ -133,5 +135,5 @@ async def _report(progress: Progress, phases: Sequence[Phase], t0: float, done: 
     end = phases[-1].end
     while True:
         elapsed = min(end, time.monotonic() - t0)
-        progress(elapsed, phase_at(list(phases), elapsed).name, done[0], done[1])
+        progress(elapsed, phase_at(list(phases), elapsed).name, done[0], done[1], False)
         await asyncio.sleep(PROGRESS_EVERY)
