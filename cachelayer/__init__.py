@@ -15,6 +15,8 @@ from .exceptions import (
     CacheError,
     ConfigurationError,
     InvalidKeyError,
+    LoadTimeoutError,
+    OriginOverloadedError,
     SerializationError,
 )
 
@@ -24,7 +26,9 @@ __all__ = [
     "CacheError",
     "ConfigurationError",
     "InvalidKeyError",
+    "LoadTimeoutError",
     "Loaded",
+    "OriginOverloadedError",
     "SerializationError",
 ]
 __version__ = "0.1.0"

@@ -9,102 +9,41 @@ drivers in ``_flow`` run it.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-from ._codec import CorruptEntryError, Entry, decode_value, encode_value, pack_entry, unpack_entry
+from ._bus import Bus
+from ._codec import CorruptEntryError, Entry, encode_value, pack_entry, unpack_entry
 from ._flight import Flights
-from ._flow import drive_async, drive_sync, read_through
+from ._guard import OriginGuard
 from ._keys import RedisKeys, validate_namespace
 from ._l1 import L1
+from ._options import Loaded, Options, check_key
 from ._policy import bound_for_l1, check_jitter, check_seconds, new_entry, redis_px
-from ._redis import AsyncTier, BackendHealth, Clients, SyncTier
+from ._read import ReadPath
+from ._redis import FAILED, AsyncTier, BackendHealth, Clients, SyncTier
 from ._stats import Stats
-from .exceptions import ConfigurationError, InvalidKeyError, SerializationError
+from .exceptions import ConfigurationError, SerializationError
 
 log = logging.getLogger("cachelayer")
 
 T = TypeVar("T")
-_MISSING: Any = object()
+
+__all__ = ["Cache", "Loaded"]
 
 
-def check_tags(tags: Any) -> tuple[str, ...]:
-    if isinstance(tags, str) or not isinstance(tags, (tuple, list, set, frozenset)):
-        raise ConfigurationError(f"tags must be a tuple of strings, got {tags!r}")
-    if not all(isinstance(t, str) and t for t in tags):
-        raise ConfigurationError(f"every tag must be a non-empty string, got {tags!r}")
-    return tuple(tags)
-
-
-def check_key(key: Any) -> str:
-    if type(key) is not str:
-        raise InvalidKeyError(f"cache keys are strings, got {type(key).__name__}: {key!r}")
-    return key
-
-
-class Options:
-    """What to do with a loaded value: resolved once per decorator, or per direct call."""
-
-    __slots__ = ("cache_none", "stale_ttl", "tags", "ttl")
-
-    def __init__(self, ttl: float, stale_ttl: float, tags: tuple[str, ...], cache_none: bool):
-        self.ttl = ttl
-        self.stale_ttl = stale_ttl
-        self.tags = tags
-        self.cache_none = cache_none
-
-
-class Loaded(Generic[T]):
-    """What a loader returns when the loaded value itself decides how it is cached.
-
-    ``return Loaded(page, ttl=max_age)`` stores ``page`` for ``max_age`` seconds;
-    ``Loaded(value, store=False)`` hands ``value`` to every waiting caller without storing it.
-    Fields left as None keep the call's or decorator's settings. Callers receive ``value``,
-    never the wrapper.
-    """
-
-    __slots__ = ("stale_ttl", "store", "tags", "ttl", "value")
-
-    def __init__(
-        self,
-        value: T,
-        *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
-        tags: Iterable[str] | None = None,
-        store: bool = True,
-    ) -> None:
-        self.value = value
-        self.ttl = check_seconds("ttl", ttl, allow_zero=False, allow_none=True)
-        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True, allow_none=True)
-        self.tags = None if tags is None else check_tags(tags)
-        self.store = bool(store)
-
-    def __repr__(self) -> str:
-        return f"Loaded({self.value!r}, ttl={self.ttl}, stale_ttl={self.stale_ttl})"
-
-    def apply(self, opts: Options) -> Options:
-        return Options(
-            opts.ttl if self.ttl is None else self.ttl,
-            opts.stale_ttl if self.stale_ttl is None else self.stale_ttl,
-            opts.tags if self.tags is None else self.tags,
-            opts.cache_none,
-        )
-
-
-class Cache:
+class Cache(ReadPath):
     """A read-through cache: in-process L1 in front of an optional Redis L2.
 
-    Args:
+    Storage:
         redis: a URL (the cache then owns a sync and an asyncio client, made on first use), a
             ``redis.Redis``, a ``redis.asyncio.Redis``, or None for L1 only.
         namespace: prefix of every Redis key; caches sharing a namespace share entries.
-        ttl: default seconds an entry is fresh.
-        stale_ttl: default seconds an entry is kept after its freshness ends (grace).
-        jitter: fraction by which each TTL is spread, ``ttl * (1 ± jitter)``.
         l1_maxsize: entries kept in process; 0 disables L1.
         l1_ttl: cap, in seconds, on how long this process trusts its own copy of an entry.
         l1_copy: if True, L1 keeps encoded bytes and every caller gets its own decoded copy,
@@ -112,11 +51,39 @@ class Cache:
             and much faster), callers in one process share the object L1 holds: treat
             returned values as read-only, as with ``functools.lru_cache``.
         cache_none: cache ``None`` results (a stored ``None`` is a hit, not a miss).
-        clock: zero-argument callable returning wall-clock seconds (``time.time``).
+
+    Freshness:
+        ttl: default seconds an entry is fresh.
+        stale_ttl: default seconds after freshness during which a stale entry is served at
+            once while one background refresh replaces it (stale-while-revalidate).
+        max_stale: how stale an entry may be and still be served when the loader fails
+            (fail-safe) or the origin is saturated; entries are kept that long. Default:
+            ``stale_ttl``.
+        jitter: fraction by which each TTL is spread, ``ttl * (1 ± jitter)``.
+        early_refresh_beta: XFetch's beta; 0 disables early refresh of hot keys.
+
+    Protecting the origin:
+        lease: fleet-wide single-flight through Redis leases (per call: ``lease=False``).
+        lease_ttl: seconds a lease holder has to load before another process takes over.
+        soft_timeout: seconds after which a waiting caller gets stale data if any exists (the
+            load goes on in the background).
+        hard_timeout: seconds after which a waiting caller gets ``LoadTimeoutError``.
+        fail_safe_throttle: seconds a key whose loader failed is served stale without
+            retrying the loader.
+        origin_limit: most loader calls at once (set it below the database pool size).
+        origin_wait: seconds a load waits for a slot before it is shed.
+        refresh_limit: most background refreshes at once (default: the limit less a reserve).
+
+    Redis trouble:
         strict: raise ``BackendError`` / ``SerializationError`` on Redis trouble or corrupt
             bytes instead of failing open to the loader.
         redis_timeout: socket and connect timeout of owned clients, in seconds.
-        rng: ``random.Random`` used for jitter (seed it in tests).
+        breaker_threshold, breaker_cooldown: consecutive Redis failures that open the circuit,
+            and seconds it stays open before one probe.
+
+    Testing:
+        clock: zero-argument callable returning wall-clock seconds (``time.time``).
+        rng: ``random.Random`` used for jitter and early refresh (seed it in tests).
     """
 
     def __init__(
@@ -126,25 +93,44 @@ class Cache:
         namespace: str = "cachelayer",
         ttl: float = 60.0,
         stale_ttl: float = 0.0,
+        max_stale: float | None = None,
         jitter: float = 0.1,
         l1_maxsize: int = 10_000,
         l1_ttl: float | None = None,
         l1_copy: bool = False,
         cache_none: bool = True,
-        clock: Callable[[], float] | None = None,
+        lease: bool = True,
+        lease_ttl: float = 10.0,
+        soft_timeout: float | None = None,
+        hard_timeout: float | None = None,
+        fail_safe_throttle: float = 5.0,
+        early_refresh_beta: float = 1.0,
+        origin_limit: int | None = None,
+        origin_wait: float = 1.0,
+        refresh_limit: int | None = None,
         strict: bool = False,
         redis_timeout: float = 0.25,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 5.0,
+        clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.namespace = validate_namespace(namespace)
-        self._defaults = Options(
-            check_seconds("ttl", ttl, allow_zero=False),
-            check_seconds("stale_ttl", stale_ttl, allow_zero=True),
-            (),
-            bool(cache_none),
+        base = Options(60.0, 0.0, (), bool(cache_none), bool(lease))
+        self._defaults = base.merged(
+            ttl=ttl, stale_ttl=stale_ttl, soft_timeout=soft_timeout, hard_timeout=hard_timeout
         )
+        self._max_stale = check_seconds("max_stale", max_stale, allow_zero=True, allow_none=True)
+        if self._max_stale is None:
+            self._max_stale = math.inf  # bounded by each entry's own grace
+        self._grace_floor = 0.0 if max_stale is None else self._max_stale
         self._jitter = check_jitter(jitter)
+        self._beta = check_seconds("early_refresh_beta", early_refresh_beta, allow_zero=True)
         self._l1_ttl = check_seconds("l1_ttl", l1_ttl, allow_zero=False, allow_none=True)
+        self._lease_px = int(check_seconds("lease_ttl", lease_ttl, allow_zero=False) * 1000)
+        self._throttle_seconds = check_seconds(
+            "fail_safe_throttle", fail_safe_throttle, allow_zero=True
+        )
         if clock is not None and not callable(clock):
             raise ConfigurationError(f"clock must be a zero-argument callable, got {clock!r}")
         self._clock: Callable[[], float] = clock or time.time
@@ -152,16 +138,39 @@ class Cache:
         self._copy = bool(l1_copy)
         self._stats = Stats()
         self._l1 = L1(l1_maxsize, self._clock)
+        self._guard = OriginGuard(
+            origin_limit, check_seconds("origin_wait", origin_wait, allow_zero=True), refresh_limit
+        )
+        self._throttle = {}
         self._clients = Clients(
             redis, check_seconds("redis_timeout", redis_timeout, allow_zero=False)
         )
         self._has_l2 = self._clients.enabled
-        self._health = BackendHealth(strict=bool(strict), stats=self._stats)
+        if (
+            isinstance(breaker_threshold, bool)
+            or not isinstance(breaker_threshold, int)
+            or breaker_threshold < 1
+        ):
+            raise ConfigurationError(
+                f"breaker_threshold must be an int >= 1, got {breaker_threshold!r}"
+            )
+        self._health = BackendHealth(
+            strict=bool(strict),
+            stats=self._stats,
+            clock=self._clock,
+            threshold=breaker_threshold,
+            cooldown=check_seconds("breaker_cooldown", breaker_cooldown, allow_zero=False),
+        )
         self._strict = bool(strict)
-        self._sync_tier = SyncTier(self._clients, self._health) if self._has_l2 else None
-        self._async_tier = AsyncTier(self._clients, self._health) if self._has_l2 else None
         self._rkeys = RedisKeys(self.namespace)
-        self._flights: Flights[Entry] = Flights(self._stats)
+        self._sync_tier = (
+            SyncTier(self._clients, self._health, self._rkeys) if self._has_l2 else None
+        )
+        self._async_tier = (
+            AsyncTier(self._clients, self._health, self._rkeys) if self._has_l2 else None
+        )
+        self._bus = Bus(self._clients.listener_client, self._rkeys.channel)
+        self._flights = Flights()
 
     def __repr__(self) -> str:
         tiers = "L1+Redis" if self._has_l2 else "L1"
@@ -169,27 +178,37 @@ class Cache:
 
     # --- shared steps of the read path (no I/O) -------------------------------------------
 
-    def _options(self, ttl: Any, stale_ttl: Any, tags: Any, cache_none: bool | None) -> Options:
-        d = self._defaults
-        return Options(
-            d.ttl if ttl is None else check_seconds("ttl", ttl, allow_zero=False),
-            d.stale_ttl
-            if stale_ttl is None
-            else check_seconds("stale_ttl", stale_ttl, allow_zero=True),
-            check_tags(tags),
-            d.cache_none if cache_none is None else bool(cache_none),
+    def _options(
+        self,
+        ttl: Any = None,
+        stale_ttl: Any = None,
+        tags: Any = None,
+        cache_none: bool | None = None,
+        *,
+        lease: bool | None = None,
+        soft_timeout: float | None = None,
+        hard_timeout: float | None = None,
+    ) -> Options:
+        return self._defaults.merged(
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            tags=tags,
+            cache_none=cache_none,
+            lease=lease,
+            soft_timeout=soft_timeout,
+            hard_timeout=hard_timeout,
         )
 
-    def _l1_fresh(self, key: str, now: float) -> Entry | None:
-        entry = self._l1.data.get(key)
-        if entry is not None and now < entry.l1_fresh:
-            entry.visited = True
-            self._stats.l1_hits += 1
-            return entry
-        return None
+    def _token(self) -> str:
+        return secrets.token_hex(8)
 
-    def _accept_l2(self, key: str, data: bytes, now: float) -> Entry | None:
-        """Decode bytes read from Redis; a fresh entry is kept in L1 and returned."""
+    def _accept_l2(
+        self, key: str, data: bytes | None, now: float, refresh_of: Entry | None
+    ) -> Entry | None:
+        """Decode bytes read from Redis: an entry still usable (fresh or within its grace),
+        and newer than ``refresh_of`` if given, is kept in L1 and returned."""
+        if data is None:
+            return None
         try:
             entry = unpack_entry(data)
         except CorruptEntryError as exc:
@@ -200,9 +219,12 @@ class Cache:
                     f"corrupt entry under key {key!r}: {exc}", key=key
                 ) from exc
             return None
-        if now >= entry.fresh_until:
+        if now >= entry.stale_until:
             return None
-        self._stats.l2_hits += 1
+        if refresh_of is not None and entry.stored_at <= refresh_of.stored_at:
+            return None
+        if now < entry.fresh_until:
+            self._stats.l2_hits += 1
         self._keep(key, entry, now)
         return entry
 
@@ -231,7 +253,7 @@ class Cache:
             payload,
             now=now,
             ttl=opts.ttl,
-            stale_ttl=opts.stale_ttl,
+            stale_ttl=max(opts.stale_ttl, self._grace_floor),
             jitter=self._jitter,
             rng=self._rng,
             load_time=load_time,
@@ -239,7 +261,7 @@ class Cache:
         )
 
     def _keep(self, key: str, entry: Entry, now: float | None = None) -> None:
-        bound_for_l1(entry, entry.stored_at if now is None else now, self._l1_ttl)
+        bound_for_l1(entry, entry.stored_at if now is None else now, self._l1_ttl, self._beta)
         # One representation per mode: shared objects, or bytes decoded per caller.
         if self._copy:
             entry.value = None
@@ -247,41 +269,46 @@ class Cache:
             entry.payload = None
         self._l1.put(key, entry)
 
-    def _value(self, entry: Entry) -> Any:
-        if self._copy and entry.payload is not None:
-            return decode_value(entry.payload)
-        return entry.value
-
-    def _load_sync(self, key: str, loader: Callable[[], Any], opts: Options) -> Any:
-        entry = self._flights.run_sync(
-            key, lambda: drive_sync(read_through(self, key, opts), self._sync_tier, loader)
-        )
-        return self._value(entry)
-
-    async def _load_async(
-        self, key: str, loader: Callable[[], Awaitable[Any]], opts: Options
-    ) -> Any:
-        async def lead() -> Entry:
-            flow = read_through(self, key, opts)
-            return await drive_async(flow, self._async_tier, loader)  # type: ignore[no-any-return]
-
-        return self._value(await self._flights.run_async(key, lead))
-
     def _stored(
         self, key: str, value: Any, ttl: Any, stale_ttl: Any, tags: Any
-    ) -> tuple[Entry, bytes]:
+    ) -> tuple[Entry, bytes, int]:
         """An entry for an explicit ``set``: unlike a load, an unencodable value raises."""
-        opts = self._options(ttl, stale_ttl, tags, None)
+        opts = self._options(ttl, stale_ttl, tags)
         entry = self._new_entry(value, encode_value(value, key), self._clock(), 0.0, opts)
-        return entry, pack_entry(entry)
+        return entry, pack_entry(entry), redis_px(entry, entry.stored_at)
+
+    def _forget_local(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self._l1.discard(check_key(key))
+            self._flights.invalidate(key)  # a load already running must not refill L1
+            self._throttle.pop(key, None)
+
+    def _fresh_l1(self, key: str) -> Entry | None:
+        entry = self._l1.data.get(check_key(key))
+        if entry is not None and self._clock() < entry.l1_limit:
+            entry.visited = True
+            self._stats.l1_hits += 1
+            return entry
+        return None
+
+    def _fresh_l2(self, key: str, got: Any) -> Entry | None:
+        if got is FAILED:
+            return None
+        now = self._clock()
+        entry = self._accept_l2(key, got[0], now, None)
+        return entry if entry is not None and now < entry.fresh_until else None
 
     # --- sync API ---------------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
         """The fresh value under ``key`` from L1 or Redis, else ``default``."""
-        check_key(key)
-        entry = drive_sync(read_through(self, key, None), self._sync_tier, None)
-        return default if entry is None else self._value(entry)
+        entry = self._fresh_l1(key)
+        if entry is None and self._sync_tier is not None:
+            entry = self._fresh_l2(key, self._sync_tier.read(key))
+        if entry is None:
+            self._stats.misses += 1
+            return default
+        return self._value(entry)
 
     def set(
         self,
@@ -292,21 +319,22 @@ class Cache:
         stale_ttl: float | None = None,
         tags: Iterable[str] = (),
     ) -> None:
-        """Store ``value`` in both tiers; raises ``SerializationError`` if it cannot be."""
-        check_key(key)
-        entry, data = self._stored(key, value, ttl, stale_ttl, tags)
+        """Store ``value`` in both tiers; raises ``SerializationError`` if it cannot be.
+
+        A load of ``key`` already running (here or in another process) will not overwrite
+        it: the write moves the key's fence.
+        """
+        entry, data, px = self._stored(check_key(key), value, ttl, stale_ttl, tags)
+        self._forget_local((key,))
         if self._sync_tier is not None:
-            px = redis_px(entry, entry.stored_at)
-            if px > 0:
-                self._sync_tier.set(self._rkeys.value(key), data, px)
+            self._sync_tier.write(key, data, px)
         self._keep(key, entry)
 
     def delete(self, *keys: str) -> None:
-        """Remove entries from L1 and Redis."""
-        for key in keys:
-            self._l1.discard(check_key(key))
+        """Remove entries from L1 and Redis; loads of them already running are fenced off."""
+        self._forget_local(keys)
         if self._sync_tier is not None and keys:
-            self._sync_tier.delete([self._rkeys.value(k) for k in keys])
+            self._sync_tier.delete(list(keys))
 
     def get_or_load(
         self,
@@ -317,13 +345,23 @@ class Cache:
         stale_ttl: float | None = None,
         tags: Iterable[str] = (),
         cache_none: bool | None = None,
+        lease: bool | None = None,
+        soft_timeout: float | None = None,
+        hard_timeout: float | None = None,
     ) -> T:
         """The cached value under ``key``; on a miss, ``loader()`` runs once per key across
-        concurrent callers in this process and its result is stored in both tiers."""
-        entry = self._l1_fresh(check_key(key), self._clock())
-        if entry is not None:
-            return self._value(entry)  # type: ignore[no-any-return]
-        return self._load_sync(key, loader, self._options(ttl, stale_ttl, tags, cache_none))  # type: ignore[no-any-return]
+        concurrent callers (in this process, and with leases across the fleet) and its result
+        is stored in both tiers."""
+        opts = self._options(
+            ttl,
+            stale_ttl,
+            tags,
+            cache_none,
+            lease=lease,
+            soft_timeout=soft_timeout,
+            hard_timeout=hard_timeout,
+        )
+        return self._load_sync(check_key(key), loader, opts)  # type: ignore[no-any-return]
 
     def invalidate_tags(self, *tags: str) -> None:
         """Not available yet: entries carry their tags, but tag invalidation is not built."""
@@ -333,7 +371,9 @@ class Cache:
         )
 
     def close(self) -> None:
-        """Close the Redis clients this cache created (never ones it was given)."""
+        """Stop the listener and close the Redis clients this cache created (never ones it
+        was given)."""
+        self._bus.close()
         self._clients.close()
 
     def __enter__(self) -> Cache:
@@ -345,9 +385,13 @@ class Cache:
     # --- async API --------------------------------------------------------------------------
 
     async def aget(self, key: str, default: Any = None) -> Any:
-        check_key(key)
-        entry = await drive_async(read_through(self, key, None), self._async_tier, None)
-        return default if entry is None else self._value(entry)
+        entry = self._fresh_l1(key)
+        if entry is None and self._async_tier is not None:
+            entry = self._fresh_l2(key, await self._async_tier.read(key))
+        if entry is None:
+            self._stats.misses += 1
+            return default
+        return self._value(entry)
 
     async def aset(
         self,
@@ -358,19 +402,16 @@ class Cache:
         stale_ttl: float | None = None,
         tags: Iterable[str] = (),
     ) -> None:
-        check_key(key)
-        entry, data = self._stored(key, value, ttl, stale_ttl, tags)
+        entry, data, px = self._stored(check_key(key), value, ttl, stale_ttl, tags)
+        self._forget_local((key,))
         if self._async_tier is not None:
-            px = redis_px(entry, entry.stored_at)
-            if px > 0:
-                await self._async_tier.set(self._rkeys.value(key), data, px)
+            await self._async_tier.write(key, data, px)
         self._keep(key, entry)
 
     async def adelete(self, *keys: str) -> None:
-        for key in keys:
-            self._l1.discard(check_key(key))
+        self._forget_local(keys)
         if self._async_tier is not None and keys:
-            await self._async_tier.delete([self._rkeys.value(k) for k in keys])
+            await self._async_tier.delete(list(keys))
 
     async def aget_or_load(
         self,
@@ -381,17 +422,26 @@ class Cache:
         stale_ttl: float | None = None,
         tags: Iterable[str] = (),
         cache_none: bool | None = None,
+        lease: bool | None = None,
+        soft_timeout: float | None = None,
+        hard_timeout: float | None = None,
     ) -> T:
-        entry = self._l1_fresh(check_key(key), self._clock())
-        if entry is not None:
-            return self._value(entry)  # type: ignore[no-any-return]
-        opts = self._options(ttl, stale_ttl, tags, cache_none)
-        return await self._load_async(key, loader, opts)  # type: ignore[no-any-return]
+        opts = self._options(
+            ttl,
+            stale_ttl,
+            tags,
+            cache_none,
+            lease=lease,
+            soft_timeout=soft_timeout,
+            hard_timeout=hard_timeout,
+        )
+        return await self._load_async(check_key(key), loader, opts)  # type: ignore[no-any-return]
 
     async def ainvalidate_tags(self, *tags: str) -> None:
         self.invalidate_tags(*tags)
 
     async def aclose(self) -> None:
+        self._bus.close()
         await self._clients.aclose()
 
     async def __aenter__(self) -> Cache:
@@ -415,17 +465,32 @@ class Cache:
         key: str | Callable[..., str] | None = None,
         tags: Iterable[str] = (),
         cache_none: bool | None = None,
+        lease: bool | None = None,
+        soft_timeout: float | None = None,
+        hard_timeout: float | None = None,
     ) -> Callable[[Callable[..., Any]], Any]:
-        """Cache a function's (or coroutine function's) results; see ``cachelayer.cached``."""
+        """Cache a function's (or coroutine function's) results; see ``_decorators.cached``."""
         from ._decorators import cached
 
-        return cached(self, ttl=ttl, stale_ttl=stale_ttl, key=key, tags=tags, cache_none=cache_none)
+        opts = self._options(
+            ttl,
+            stale_ttl,
+            tags,
+            cache_none,
+            lease=lease,
+            soft_timeout=soft_timeout,
+            hard_timeout=hard_timeout,
+        )
+        return cached(self, opts, key)
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot of this process's counters and tier state."""
+        """A snapshot of this process's counters and the state of its tiers and guard."""
         snap: dict[str, Any] = self._stats.as_dict()
+        snap.update(self._guard.snapshot())
         snap["l1_entries"] = len(self._l1)
         snap["l1_evictions"] = self._l1.evictions
-        snap["loads_in_flight"] = self._flights.in_flight()
+        snap["flights"] = len(self._flights)
         snap["redis_healthy"] = self._health.healthy if self._has_l2 else None
+        snap["circuit_open"] = self._health.circuit_open if self._has_l2 else None
+        snap["subscribed"] = self._bus.ready.is_set() if self._has_l2 else None
         return snap

@@ -41,14 +41,17 @@ class CorruptEntryError(ValueError):
 class Entry:
     """One cached value and its timing. The same record lives in both tiers.
 
-    ``l1_fresh`` and ``l1_expires`` are the in-process copy's own bounds (freshness and
-    retention capped by ``l1_ttl``); ``visited`` feeds the L1 eviction policy.
+    The in-process copy has bounds of its own, counted from when this process took it:
+    ``l1_limit`` (fresh until, capped by ``l1_ttl``), ``l1_expires`` (kept until), and
+    ``l1_fresh``, where the hot path stops answering alone: ``l1_limit``, or earlier when the
+    entry enters its early-refresh window. ``visited`` feeds the L1 eviction policy.
     """
 
     __slots__ = (
         "fresh_until",
         "l1_expires",
         "l1_fresh",
+        "l1_limit",
         "load_time",
         "payload",
         "stale_until",
@@ -75,7 +78,7 @@ class Entry:
         self.stale_until = stale_until
         self.load_time = load_time
         self.tags = tags
-        self.l1_fresh = fresh_until
+        self.l1_fresh = self.l1_limit = fresh_until
         self.l1_expires = stale_until
         self.visited = False
 

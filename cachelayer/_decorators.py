@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._codec import decode_value
@@ -19,19 +19,14 @@ from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from ._cache import Cache
+    from ._options import Options
 
 _MEMO_SIZE = 4096  # argument -> key strings remembered per function; cleared when full
 _MEMO_TYPES = frozenset({int, str})
 
 
 def cached(
-    cache: Cache,
-    *,
-    ttl: float | None = None,
-    stale_ttl: float | None = None,
-    key: str | Callable[..., str] | None = None,
-    tags: Iterable[str] = (),
-    cache_none: bool | None = None,
+    cache: Cache, opts: Options, key: str | Callable[..., str] | None
 ) -> Callable[[Callable[..., Any]], Any]:
     """Decorate a function or coroutine function so its results are cached in ``cache``.
 
@@ -41,7 +36,6 @@ def cached(
     keeps the function's name and signature and gains ``.key(*args, **kwargs)``,
     ``.invalidate(*args, **kwargs)`` and ``.ainvalidate(*args, **kwargs)``.
     """
-    opts = cache._options(ttl, stale_ttl, tags, cache_none)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         if not callable(fn):

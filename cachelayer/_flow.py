@@ -1,114 +1,252 @@
-"""The read-through algorithm, written once as a sans-I/O generator, and its two drivers.
+"""The work of one flight, written once as a sans-I/O generator, and its two drivers.
 
-``read_through`` decides; it never touches the network. It yields small operations
-(``(GET, rkey)``, ``(SET, rkey, data, px)``, ``(LOAD,)``) and is sent their results; errors
-from an operation are thrown into it, so policies such as fail-safe can live here once.
-``drive_sync`` and ``drive_async`` execute the operations and differ only by ``await``.
+``lead`` decides; it never touches the network or a lock. It yields small operations and is
+sent their results; an error from an operation is thrown into it, so fail-safe lives here
+once for both worlds:
 
-The hit path never gets here: callers check the in-process tier first and only a miss pays
-for the generator. The flow checks L1 again anyway because it runs inside the single-flight,
-and the flight that just finished may have filled it.
+    (GET, key)                        -> (envelope bytes | None, fence) | FAILED
+    (ACQUIRE, key, token)             -> (taken, ms left on the holder's lease, waiter) | FAILED
+    (WAIT, key, waiter, seconds)      -> "woken" | "poll" | "expired"
+    (FILL, key, data, px, token, fence, write) -> 1 written | 0 refused | FAILED
+    (SLOT, background)                -> True if the origin guard granted a load slot
+    (LOAD,)                           -> (value, seconds the loader took)
+
+``drive_sync`` and ``drive_async`` execute them and differ only by ``await``. Once a Redis
+operation fails (or the circuit is open) the flow stops using Redis for the rest of the
+flight, so one request pays at most one Redis timeout.
+
+It returns ``(entry, how)``: ``how`` is None for a fresh entry, ``"fleet"`` for one another
+process loaded while we waited on its lease, or the reason a stale entry is served
+(``"swr"``, ``"fail_safe"``, ``"overload"``, ``"lease_timeout"``), or ``"skipped"`` for a
+background refresh that found nothing to do.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from ._codec import Entry, pack_entry
 from ._policy import redis_px
+from ._redis import FAILED
+from .exceptions import OriginOverloadedError
 
 if TYPE_CHECKING:
-    from ._cache import Cache, Options
-    from ._redis import AsyncTier, SyncTier
+    from ._cache import Cache
+    from ._flight import Flight
+    from ._options import Options
 
-GET, SET, LOAD = 0, 1, 2
+GET, ACQUIRE, WAIT, FILL, SLOT, LOAD = range(6)
+_POLL = 0.05  # seconds between looks at Redis while the pub/sub subscription is down
 
 Op = tuple[Any, ...]
-Flow = Generator[Op, Any, "Entry | None"]
+Result = tuple[Entry, "str | None"]
+Flow = Generator[Op, Any, Result]
 
 
-def read_through(cache: Cache, key: str, opts: Options | None) -> Flow:
-    """Find ``key`` fresh in L1 or L2; failing that, load it (unless ``opts`` is None, which
-    means look up only) and store it in both tiers."""
+def _newer(a: Entry | None, b: Entry | None) -> Entry | None:
+    if a is None:
+        return b
+    return a if b is None or a.stored_at >= b.stored_at else b
+
+
+def _release(flight: Flight, key: str, token: str, fence: str) -> Generator[Op, Any, None]:
+    """Give up a lease without writing, waking any process waiting on it."""
+    flight.lease = None
+    if token:
+        yield (FILL, key, b"", 0, token, fence, False)
+
+
+def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entry | None) -> Flow:
+    """Load ``key`` once for every waiter of ``flight`` (or refresh ``refresh_of``)."""
     now = cache._clock()
-    entry = cache._l1_fresh(key, now)
-    if entry is not None:
-        return entry
-    rkey = cache._rkeys.value(key) if cache._has_l2 else ""
-    if rkey:
-        data = yield (GET, rkey)
-        if data is not None:
-            entry = cache._accept_l2(key, data, now)
-            if entry is not None:
-                return entry
-    cache._stats.misses += 1
-    if opts is None:
-        return None
+    stale = refresh_of
+    if refresh_of is None:
+        entry = cache._l1.data.get(key)
+        if entry is not None:
+            if now < entry.l1_limit:  # the flight we queued behind may just have filled it
+                return entry, None
+            if now < entry.l1_expires:
+                stale = entry
+    use_redis = cache._has_l2
+    fence = ""
+    if use_redis:
+        got = yield (GET, key)
+        if got is FAILED:
+            use_redis = False
+        else:
+            data, fence = got
+            found = cache._accept_l2(key, data, now, refresh_of)
+            if found is not None and now < found.fresh_until:
+                return found, None
+            stale = _newer(stale, found)
+    flight.stale = stale
+    if refresh_of is None and stale is not None and cache._swr_allows(stale, now, opts):
+        return stale, "swr"
+
+    token = ""
+    if use_redis and opts.lease:
+        token = cache._token()
+        while True:
+            got = yield (ACQUIRE, key, token)
+            if got is FAILED:
+                use_redis, token = False, ""
+                break
+            taken, pttl, waiter = got
+            if taken:
+                flight.lease = (token, fence)  # released by any FILL, or on abort by the runner
+                break
+            if refresh_of is not None:  # another process is refreshing it: nothing to do
+                return refresh_of, "skipped"
+            cache._stats.lease_waits += 1
+            how = yield (WAIT, key, waiter, pttl / 1000 + 0.01)
+            got = yield (GET, key)
+            if got is FAILED:
+                use_redis, token = False, ""
+                break
+            data, fence = got
+            found = cache._accept_l2(key, data, cache._clock(), None)
+            if found is not None and cache._clock() < found.fresh_until:
+                cache._stats.fleet_coalesced += 1
+                return found, "fleet"
+            stale = flight.stale = _newer(stale, found)
+            if how == "expired" and stale is not None:
+                return stale, "lease_timeout"
+            # The holder died or gave up: its lease expired with nothing to show. Race for
+            # the lease again; exactly one waiter wins it, the rest go back to waiting.
+
+    background = refresh_of is not None
+    if not (yield (SLOT, background)):
+        yield from _release(flight, key, token, fence)  # hand the lease on
+        if background:
+            return refresh_of, "skipped"  # type: ignore[return-value]
+        if stale is not None and cache._duress_allows(stale, cache._clock()):
+            return stale, "overload"
+        cache._stats.loads_shed += 1
+        raise OriginOverloadedError(
+            f"no origin slot for {key!r} within {cache._guard.wait}s "
+            f"({cache._guard.limit} loads already running)"
+        )
     cache._stats.loads += 1
     try:
-        value, load_time = yield (LOAD,)
-    except Exception:
+        try:
+            value, load_time = yield (LOAD,)
+        finally:
+            cache._guard.release(background)
+    except Exception as exc:
+        cache._guard.record(True)
         cache._stats.load_errors += 1
+        yield from _release(flight, key, token, fence)
+        if stale is not None and cache._duress_allows(stale, cache._clock()):
+            cache._engage_fail_safe(key, exc)
+            return stale, "fail_safe"
         raise
+    cache._guard.record(False)
+
     entry = cache._prepare(key, value, load_time, opts)
-    if entry.payload is not None:
-        if rkey:
-            px = redis_px(entry, entry.stored_at)
-            if px > 0:
-                yield (SET, rkey, pack_entry(entry), px)
+    if entry.payload is None:  # not storable: hand it over, store nothing
+        yield from _release(flight, key, token, fence)
+        return entry, None
+    written = True
+    if use_redis:
+        px = redis_px(entry, entry.stored_at)
+        flight.lease = None  # the fill releases it
+        got = yield (FILL, key, pack_entry(entry), px, token, fence, px > 0)
+        if got == 0:  # invalidated while we loaded: this value must not come back
+            written = False
+            cache._stats.fenced_writes += 1
+    if written and not flight.invalidated:
         cache._keep(key, entry)
-    return entry
+    return entry, None
 
 
-def drive_sync(flow: Flow, tier: SyncTier | None, loader: Callable[[], Any] | None) -> Any:
+def drive_sync(flow: Flow, cache: Cache, loader: Callable[[], Any]) -> Result:
+    tier = cache._sync_tier
     try:
-        cache_op = next(flow)
+        op = next(flow)
         while True:
             try:
-                code = cache_op[0]
+                code = op[0]
                 if code == GET:
-                    assert tier is not None
-                    result: Any = tier.get(cache_op[1])
-                elif code == SET:
-                    assert tier is not None
-                    tier.set(cache_op[1], cache_op[2], cache_op[3])
-                    result = None
+                    cache._bus.start()
+                    result: Any = tier.read(op[1])  # type: ignore[union-attr]
+                elif code == ACQUIRE:
+                    waiter = threading.Event()
+                    cache._bus.expect(op[1], waiter)
+                    result = tier.acquire(op[1], op[2], cache._lease_px)  # type: ignore[union-attr]
+                    if result is FAILED or result[0]:
+                        cache._bus.forget(op[1], waiter)
+                    if result is not FAILED:
+                        result = (bool(result[0]), result[1], waiter)
+                elif code == WAIT:
+                    _, key, waiter, seconds = op
+                    ready = cache._bus.ready.is_set()
+                    woken = waiter.wait(seconds if ready else min(seconds, _POLL))
+                    cache._bus.forget(key, waiter)
+                    result = (
+                        "woken" if woken else "expired" if ready or seconds <= _POLL else "poll"
+                    )
+                elif code == FILL:
+                    result = tier.fill(*op[1:])  # type: ignore[union-attr]
+                elif code == SLOT:
+                    guard = cache._guard
+                    result = guard.try_acquire(True) if op[1] else guard.acquire_sync()
                 else:
-                    assert loader is not None
                     started = time.perf_counter()
                     result = (loader(), time.perf_counter() - started)
             except Exception as exc:
-                cache_op = flow.throw(exc)
+                op = flow.throw(exc)
             else:
-                cache_op = flow.send(result)
+                op = flow.send(result)
     except StopIteration as stop:
-        return stop.value
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        flow.close()  # cancelled or interrupted mid-operation: run the flow's cleanups now
 
 
-async def drive_async(
-    flow: Flow, tier: AsyncTier | None, loader: Callable[[], Awaitable[Any]] | None
-) -> Any:
+async def drive_async(flow: Flow, cache: Cache, loader: Callable[[], Awaitable[Any]]) -> Result:
+    tier = cache._async_tier
     try:
-        cache_op = next(flow)
+        op = next(flow)
         while True:
             try:
-                code = cache_op[0]
+                code = op[0]
                 if code == GET:
-                    assert tier is not None
-                    result: Any = await tier.get(cache_op[1])
-                elif code == SET:
-                    assert tier is not None
-                    await tier.set(cache_op[1], cache_op[2], cache_op[3])
-                    result = None
+                    cache._bus.start()
+                    result: Any = await tier.read(op[1])  # type: ignore[union-attr]
+                elif code == ACQUIRE:
+                    loop = asyncio.get_running_loop()
+                    waiter = (loop, loop.create_future())
+                    cache._bus.expect(op[1], waiter)
+                    result = await tier.acquire(op[1], op[2], cache._lease_px)  # type: ignore[union-attr]
+                    if result is FAILED or result[0]:
+                        cache._bus.forget(op[1], waiter)
+                    if result is not FAILED:
+                        result = (bool(result[0]), result[1], waiter)
+                elif code == WAIT:
+                    _, key, (_, fut), seconds = op
+                    ready = cache._bus.ready.is_set()
+                    done, _ = await asyncio.wait(
+                        (fut,), timeout=seconds if ready else min(seconds, _POLL)
+                    )
+                    cache._bus.forget(key, op[2])
+                    result = "woken" if done else "expired" if ready or seconds <= _POLL else "poll"
+                elif code == FILL:
+                    result = await tier.fill(*op[1:])  # type: ignore[union-attr]
+                elif code == SLOT:
+                    guard = cache._guard
+                    result = guard.try_acquire(True) if op[1] else await guard.acquire_async()
                 else:
-                    assert loader is not None
                     started = time.perf_counter()
                     result = (await loader(), time.perf_counter() - started)
             except Exception as exc:
-                cache_op = flow.throw(exc)
+                op = flow.throw(exc)
             else:
-                cache_op = flow.send(result)
+                op = flow.send(result)
     except StopIteration as stop:
-        return stop.value
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        flow.close()  # cancelled or interrupted mid-operation: run the flow's cleanups now

@@ -73,6 +73,17 @@ class RedisKeys:
     def value(self, key: str) -> str:
         return f"{self.prefix}{{{storage_key(key)}}}"
 
+    def coordination(self, key: str) -> tuple[str, str, str, str]:
+        """The value and its lease, fence and waiters-flag keys: one hash slot."""
+        tag = f"{{{storage_key(key)}}}"
+        p = self.prefix
+        return f"{p}{tag}", f"{p}lease:{tag}", f"{p}fence:{tag}", f"{p}wait:{tag}"
+
+    @property
+    def channel(self) -> str:
+        """The pub/sub channel of the namespace (fills, invalidations)."""
+        return f"{self.prefix}events"
+
     def pattern(self) -> str:
         """A SCAN pattern for every record of the namespace (operator tools only)."""
         return f"{self.prefix}*"

@@ -52,14 +52,22 @@ def new_entry(
     return Entry(value, payload, now, fresh_until, fresh_until + stale_ttl, load_time, tags)
 
 
-def bound_for_l1(entry: Entry, now: float, l1_ttl: float | None) -> Entry:
-    """Cap how long the in-process copy is trusted, counted from when this process took it."""
+# XFetch refreshes with probability exp(-(expiry - now) / (load_time * beta)) per request.
+# Further than this many load times from expiry that is below exp(-10) = 0.005%, so the hot
+# path answers alone there and only the last stretch pays for the random draw.
+XFETCH_SPAN = 10.0
+
+
+def bound_for_l1(entry: Entry, now: float, l1_ttl: float | None, beta: float = 0.0) -> Entry:
+    """Set the in-process copy's bounds, counted from when this process took it."""
     if l1_ttl is None:
-        entry.l1_fresh, entry.l1_expires = entry.fresh_until, entry.stale_until
+        entry.l1_limit, entry.l1_expires = entry.fresh_until, entry.stale_until
     else:
         cap = now + l1_ttl
-        entry.l1_fresh = min(entry.fresh_until, cap)
+        entry.l1_limit = min(entry.fresh_until, cap)
         entry.l1_expires = min(entry.stale_until, cap)
+    window = entry.fresh_until - XFETCH_SPAN * entry.load_time * beta
+    entry.l1_fresh = min(entry.l1_limit, window)
     return entry
 
 

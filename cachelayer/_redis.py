@@ -9,16 +9,20 @@ The sync and async tiers are deliberately thin so that what differs between them
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgpack
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
+from ._keys import RedisKeys
 from ._stats import Stats
 from .exceptions import BackendError, ConfigurationError
 
@@ -50,30 +54,101 @@ def _binary(client: Any) -> Any:
 
 
 class BackendHealth:
-    """Shared failure policy: count, log state changes, fail open unless strict."""
+    """Shared failure policy: count, log state changes, fail open unless strict, and a
+    circuit breaker.
 
-    __slots__ = ("healthy", "stats", "strict")
+    After ``threshold`` consecutive failures the breaker opens: for ``cooldown`` seconds no
+    Redis call is even attempted, so a dead or blackholed Redis costs requests nothing. Then
+    one probe is let through; its success closes the breaker, its failure re-opens it.
+    """
 
-    def __init__(self, *, strict: bool, stats: Stats) -> None:
+    __slots__ = (
+        "_lock",
+        "clock",
+        "cooldown",
+        "failures",
+        "healthy",
+        "open_until",
+        "probing",
+        "stats",
+        "strict",
+        "threshold",
+    )
+
+    def __init__(
+        self,
+        *,
+        strict: bool,
+        stats: Stats,
+        clock: Callable[[], float],
+        threshold: int = 3,
+        cooldown: float = 5.0,
+    ) -> None:
         self.strict = strict
         self.stats = stats
+        self.clock = clock
+        self.threshold = threshold
+        self.cooldown = cooldown
         self.healthy = True
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.open_until > 0.0
+
+    def available(self) -> bool:
+        """May a Redis call be made now? Closed: yes. Open: no, until the cool-down ends;
+        then exactly one caller gets to probe."""
+        if not self.open_until:
+            return True
+        if self.clock() < self.open_until:
+            self.stats.breaker_skips += 1
+            return False
+        with self._lock:
+            if self.probing:
+                self.stats.breaker_skips += 1
+                return False
+            self.probing = True
+            return True
 
     def ok(self) -> None:
-        if not self.healthy:
-            self.healthy = True
-            log.info("cachelayer: redis reachable again; L2 back in use")
+        if self.failures or not self.healthy or self.open_until:
+            with self._lock:
+                self.failures = 0
+                self.probing = False
+                if self.open_until:
+                    self.open_until = 0.0
+                    log.info("cachelayer: circuit closed; redis answers again")
+                if not self.healthy:
+                    self.healthy = True
+                    log.info("cachelayer: redis reachable again; L2 back in use")
 
     def failed(self, op: str, exc: BaseException) -> None:
         self.stats.backend_errors += 1
-        if self.healthy:
-            self.healthy = False
-            log.warning(
-                "cachelayer: redis %s failed (%s: %s); serving from L1 and the loader",
-                op,
-                type(exc).__name__,
-                exc,
-            )
+        with self._lock:
+            self.failures += 1
+            was_probing, self.probing = self.probing, False
+            if was_probing or (self.failures >= self.threshold and not self.open_until):
+                if not self.open_until:
+                    self.stats.breaker_opened += 1
+                    log.warning(
+                        "cachelayer: circuit open for %.1fs after %d redis failures; "
+                        "serving from L1 and the loader",
+                        self.cooldown,
+                        self.failures,
+                    )
+                self.open_until = self.clock() + self.cooldown
+            if self.healthy:
+                self.healthy = False
+                log.warning(
+                    "cachelayer: redis %s failed (%s: %s); serving from L1 and the loader",
+                    op,
+                    type(exc).__name__,
+                    exc,
+                )
         if self.strict:
             raise BackendError(f"redis {op} failed: {exc}") from exc
 
@@ -148,6 +223,14 @@ class Clients:
                 )
         return client
 
+    def listener_client(self) -> redis.Redis:
+        """A sync client for the pub/sub listener thread (any kind of cache may need one)."""
+        if self.async_given is None:
+            return self.sync_client()
+        kw = self.async_given.connection_pool.connection_kwargs
+        keep = ("host", "port", "db", "username", "password", "socket_connect_timeout")
+        return redis.Redis(**{k: kw[k] for k in keep if k in kw}, **self._options)
+
     def close(self) -> None:
         """Close the owned sync client (clients given to the cache belong to the caller)."""
         if self.url is not None and self.sync is not None:
@@ -166,67 +249,186 @@ class Clients:
             await client.aclose()
 
 
-class SyncTier:
-    __slots__ = ("clients", "health")
+# Redis is the arbiter of "was this key invalidated while I loaded it?": every invalidation
+# bumps the key's fence, every load remembers the fence it read, and its write is refused if
+# the fence moved. Fences outlive any load we would still accept (an hour), then expire.
+FENCE_PX = 3_600_000
 
-    def __init__(self, clients: Clients, health: BackendHealth) -> None:
+# KEYS: lease, wait-flag. ARGV: token, lease ms. Returns {1, 0} when taken, else
+# {0, ms left on the holder's lease}, and flags that someone waits, so the holder publishes.
+ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS: value, lease, fence, wait-flag. ARGV: data, ms, token, fence read at load start,
+# channel, message, write?. Writes only if the fence has not moved; releases our lease; wakes
+# waiters if any. Returns 1 if written.
+FILL = """
+local written = 0
+if ARGV[7] == '1' and (redis.call('GET', KEYS[3]) or '') == ARGV[4] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  written = 1
+end
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if redis.call('DEL', KEYS[4]) == 1 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return written
+"""
+
+# KEYS: value, fence. ARGV: data ('' to delete), ms, fence ms. An explicit write or delete
+# moves the fence, so a load that began before it cannot land after it.
+WRITE = """
+if ARGV[1] == '' then redis.call('DEL', KEYS[1])
+else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+_SHA = {src: hashlib.sha1(src.encode()).hexdigest() for src in (ACQUIRE, FILL, WRITE)}
+
+# What a tier returns when Redis could not be asked (failed, or the circuit is open). The
+# flow then stops using Redis for the rest of that request, so one request pays at most one
+# timeout.
+FAILED: Any = type("FAILED", (), {"__repr__": lambda self: "FAILED", "__slots__": ()})()
+
+
+class _Ops:
+    """The Redis requests of a read-through, built once; drivers only send them."""
+
+    __slots__ = ("clients", "health", "keys")
+
+    def __init__(self, clients: Clients, health: BackendHealth, keys: RedisKeys) -> None:
         self.clients = clients
         self.health = health
+        self.keys = keys
 
-    def get(self, rkey: str) -> bytes | None:
+    def fill_args(
+        self, key: str, data: bytes, px: int, token: str, fence: str, write: bool
+    ) -> tuple[list[str], list[Any]]:
+        message = _fill_message(key)
+        args = [data, px, token, fence, self.keys.channel, message, "1" if write else "0"]
+        return list(self.keys.coordination(key)), args
+
+    def deletion(self, key: str) -> list[Any]:
+        """EVALSHA arguments (after numkeys) that delete ``key`` and move its fence."""
+        value, _, fence, _ = self.keys.coordination(key)
+        return [value, fence, "", 0, FENCE_PX]
+
+
+def _fill_message(key: str) -> bytes:
+    return msgpack.packb(["fill", "", key], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _fence_text(raw: Any) -> str:
+    return "" if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class SyncTier(_Ops):
+    def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.health.available():
+            return FAILED
         try:
-            data: bytes | None = self.clients.sync_client().get(rkey)  # type: ignore[assignment]
+            result = fn(self.clients.sync_client(), *args)
         except BACKEND_ERRORS as exc:
-            self.health.failed("get", exc)
+            self.health.failed(op, exc)
+            return FAILED
+        self.health.ok()
+        return result
+
+    @staticmethod
+    def _eval(client: Any, src: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return client.evalsha(_SHA[src], len(keys), *keys, *args)
+        except NoScriptError:  # a restarted server forgot its scripts
+            return client.eval(src, len(keys), *keys, *args)
+
+    def read(self, key: str) -> Any:
+        """``(envelope bytes or None, fence text)`` or FAILED."""
+        value, _, fence, _ = self.keys.coordination(key)
+        got = self._call("get", lambda c: c.mget(value, fence))
+        return got if got is FAILED else (got[0], _fence_text(got[1]))
+
+    def acquire(self, key: str, token: str, px: int) -> Any:
+        _, lease, _, wait = self.keys.coordination(key)
+        return self._call("lease", self._eval, ACQUIRE, [lease, wait], [token, px])
+
+    def fill(self, key: str, data: bytes, px: int, token: str, fence: str, write: bool) -> Any:
+        keys, args = self.fill_args(key, data, px, token, fence, write)
+        return self._call("set", self._eval, FILL, keys, args)
+
+    def write(self, key: str, data: bytes, px: int) -> Any:
+        value, _, fence, _ = self.keys.coordination(key)
+        return self._call("set", self._eval, WRITE, [value, fence], [data, px, FENCE_PX])
+
+    def delete(self, keys: list[str]) -> Any:
+        def run(client: Any) -> Any:
+            for _ in range(2):
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.evalsha(_SHA[WRITE], 2, *self.deletion(key))
+                try:
+                    return pipe.execute()
+                except NoScriptError:
+                    client.script_load(WRITE)
             return None
-        self.health.ok()
-        return data
 
-    def set(self, rkey: str, data: bytes, px: int) -> None:
+        return self._call("delete", run)
+
+
+class AsyncTier(_Ops):
+    async def _call(self, op: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        if not self.health.available():
+            return FAILED
         try:
-            self.clients.sync_client().set(rkey, data, px=px)
+            result = await fn(self.clients.async_client(), *args)
         except BACKEND_ERRORS as exc:
-            self.health.failed("set", exc)
-            return
+            self.health.failed(op, exc)
+            return FAILED
         self.health.ok()
+        return result
 
-    def delete(self, rkeys: list[str]) -> None:
+    @staticmethod
+    async def _eval(client: Any, src: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            self.clients.sync_client().delete(*rkeys)
-        except BACKEND_ERRORS as exc:
-            self.health.failed("delete", exc)
-            return
-        self.health.ok()
+            return await client.evalsha(_SHA[src], len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(src, len(keys), *keys, *args)
 
+    async def read(self, key: str) -> Any:
+        value, _, fence, _ = self.keys.coordination(key)
 
-class AsyncTier:
-    __slots__ = ("clients", "health")
+        async def mget(c: Any) -> Any:
+            return await c.mget(value, fence)
 
-    def __init__(self, clients: Clients, health: BackendHealth) -> None:
-        self.clients = clients
-        self.health = health
+        got = await self._call("get", mget)
+        return got if got is FAILED else (got[0], _fence_text(got[1]))
 
-    async def get(self, rkey: str) -> bytes | None:
-        try:
-            data: bytes | None = await self.clients.async_client().get(rkey)  # type: ignore[assignment]
-        except BACKEND_ERRORS as exc:
-            self.health.failed("get", exc)
+    async def acquire(self, key: str, token: str, px: int) -> Any:
+        _, lease, _, wait = self.keys.coordination(key)
+        return await self._call("lease", self._eval, ACQUIRE, [lease, wait], [token, px])
+
+    async def fill(
+        self, key: str, data: bytes, px: int, token: str, fence: str, write: bool
+    ) -> Any:
+        keys, args = self.fill_args(key, data, px, token, fence, write)
+        return await self._call("set", self._eval, FILL, keys, args)
+
+    async def write(self, key: str, data: bytes, px: int) -> Any:
+        value, _, fence, _ = self.keys.coordination(key)
+        return await self._call("set", self._eval, WRITE, [value, fence], [data, px, FENCE_PX])
+
+    async def delete(self, keys: list[str]) -> Any:
+        async def run(client: Any) -> Any:
+            for _ in range(2):
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.evalsha(_SHA[WRITE], 2, *self.deletion(key))
+                try:
+                    return await pipe.execute()
+                except NoScriptError:
+                    await client.script_load(WRITE)
             return None
-        self.health.ok()
-        return data
 
-    async def set(self, rkey: str, data: bytes, px: int) -> None:
-        try:
-            await self.clients.async_client().set(rkey, data, px=px)
-        except BACKEND_ERRORS as exc:
-            self.health.failed("set", exc)
-            return
-        self.health.ok()
-
-    async def delete(self, rkeys: list[str]) -> None:
-        try:
-            await self.clients.async_client().delete(*rkeys)
-        except BACKEND_ERRORS as exc:
-            self.health.failed("delete", exc)
-            return
-        self.health.ok()
+        return await self._call("delete", run)

@@ -7,8 +7,11 @@ so code that already catches ``ValueError`` or ``TypeError`` keeps working::
     ├── ConfigurationError(CacheError, ValueError)   a bad argument to Cache() or @cached
     ├── InvalidKeyError(CacheError, TypeError)       no stable key can be built from an argument
     ├── SerializationError(CacheError, ValueError)   a value msgpack cannot round-trip exactly
-    └── BackendError(CacheError)                     Redis failed (strict mode only);
-                                                     __cause__ is redis-py's error
+    ├── BackendError(CacheError)                     Redis failed (strict mode only);
+    │                                                __cause__ is redis-py's error
+    ├── OriginOverloadedError(CacheError)            the origin guard had no slot in time and
+    │                                                there was nothing stale to serve
+    └── LoadTimeoutError(CacheError, TimeoutError)   a load outran the hard timeout
 
 Exceptions raised by a loader are never wrapped: they reach the caller unchanged and nothing
 is cached. Redis trouble fails open (the loader answers, the error is logged and counted)
@@ -22,6 +25,8 @@ __all__ = [
     "CacheError",
     "ConfigurationError",
     "InvalidKeyError",
+    "LoadTimeoutError",
+    "OriginOverloadedError",
     "SerializationError",
 ]
 
@@ -53,3 +58,16 @@ class SerializationError(CacheError, ValueError):
 
 class BackendError(CacheError):
     """Redis failed and the cache is strict; ``__cause__`` holds redis-py's exception."""
+
+
+class OriginOverloadedError(CacheError):
+    """The origin guard had no free load slot within its wait, and no stale value existed.
+
+    Failing fast is the point: a request that queues forever for a database connection is
+    how a surge turns into an outage.
+    """
+
+
+class LoadTimeoutError(CacheError, TimeoutError):
+    """A caller waited ``hard_timeout`` seconds for a load and had no stale value to fall back
+    on. The load itself goes on and fills the cache for later callers."""

@@ -93,7 +93,7 @@ class Proxy:
                     if self.mode == "delay":
                         time.sleep(self.delay)
                     peers[sock].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # a socket closed under us by set_mode("drop")
             return
         finally:
             _close(client)

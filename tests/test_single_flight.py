@@ -203,6 +203,7 @@ def test_the_load_is_abandoned_when_every_waiter_is_gone(cache: Cache) -> None:
     assert time.monotonic() - started < 2
     assert loader.cancelled == 1
     assert cache.stats()["loads_in_flight"] == 0
+    assert cache.stats()["flights"] == 0
 
 
 def test_callers_of_a_load_cancelled_elsewhere_load_again_rather_than_inherit_it(

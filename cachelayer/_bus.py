@@ -1,0 +1,154 @@
+"""The fleet's message bus: one Redis pub/sub subscription per cache, on one channel.
+
+A lease holder that fills a key other processes are waiting for publishes ``fill`` (only when
+someone waits, which the lease script records), so waiters wake the moment the value lands
+instead of polling. One listener thread serves sync and async waiters alike: async waiters
+are woken with ``call_soon_threadsafe``. While the subscription is down, waiters fall back
+to short polls; ``ready`` says which regime is in force.
+
+Messages are msgpack arrays ``[kind, sender, payload]``; anything else on the channel is
+ignored (logged at debug), so a stray PUBLISH cannot break a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger("cachelayer")
+
+FILL = "fill"
+_RECONNECT_MAX = 2.0  # seconds between resubscription attempts, at most
+
+Handler = Callable[[str, str, Any], None]
+
+
+class Bus:
+    def __init__(self, client_factory: Callable[[], Any], channel: str) -> None:
+        self.channel = channel
+        self.sender = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.ready = threading.Event()
+        self.handlers: list[Handler] = []
+        self._client_factory = client_factory
+        self._waiters: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pubsub: Any = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name=f"cachelayer-bus:{self.channel}", daemon=True
+                    )
+                    self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=3)
+
+    def _run(self) -> None:
+        delay = 0.05
+        while not self._stop.is_set():
+            try:
+                self._pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
+                self._pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    # Short, so close() is prompt; an idle wake-up costs microseconds.
+                    message = self._pubsub.get_message(timeout=0.1)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self.ready.set()
+                        delay = 0.05
+                        self._emit("subscribed", "", None)
+                    elif message["type"] == "message":
+                        self._dispatch(message["data"])
+            except Exception as exc:  # redis-py raises more than RedisError when a socket dies
+                if self.ready.is_set():
+                    log.warning("cachelayer: lost the invalidation/fill subscription: %s", exc)
+                    self.ready.clear()
+                    self._emit("unsubscribed", "", None)
+                self._stop.wait(delay)
+                delay = min(delay * 2, _RECONNECT_MAX)
+            finally:
+                pubsub, self._pubsub = self._pubsub, None
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+        self.ready.clear()
+
+    # --- messages -----------------------------------------------------------------------
+
+    def encode(self, kind: str, payload: Any) -> bytes:
+        return msgpack.packb([kind, self.sender, payload], use_bin_type=True)  # type: ignore[no-any-return]
+
+    def _dispatch(self, data: Any) -> None:
+        try:
+            kind, sender, payload = msgpack.unpackb(data, raw=False)
+            if not isinstance(kind, str) or not isinstance(sender, str):
+                raise ValueError("malformed header")
+        except Exception as exc:  # a stray publish on our channel: not ours to die of
+            log.debug("cachelayer: ignoring a foreign message on %s: %r", self.channel, exc)
+            return
+        if kind == FILL and isinstance(payload, str):
+            self.wake(payload)
+        self._emit(kind, sender, payload)
+
+    def _emit(self, kind: str, sender: str, payload: Any) -> None:
+        for handler in self.handlers:
+            try:
+                handler(kind, sender, payload)
+            except Exception:  # pragma: no cover - handlers are ours; log, keep listening
+                log.exception("cachelayer: bus handler failed")
+
+    # --- waiters for a key to be filled -------------------------------------------------
+
+    def expect(self, key: str, waiter: Any) -> None:
+        """Register a ``threading.Event`` or ``(loop, future)`` to wake when ``key`` fills."""
+        with self._lock:
+            self._waiters.setdefault(key, []).append(waiter)
+
+    def forget(self, key: str, waiter: Any) -> None:
+        with self._lock:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                try:
+                    waiters.remove(waiter)
+                except ValueError:
+                    pass
+                if not waiters:
+                    del self._waiters[key]
+
+    def wake(self, key: str) -> None:
+        with self._lock:
+            waiters = self._waiters.pop(key, ())
+        for waiter in waiters:
+            if isinstance(waiter, threading.Event):
+                waiter.set()
+            else:
+                loop, fut = waiter
+                try:
+                    loop.call_soon_threadsafe(_set, fut)
+                except RuntimeError:
+                    pass
+
+
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
