@@ -25,7 +25,8 @@ from ._http_headers import (
     parse_tags,
     parse_vary,
 )
-from ._http_request import Headers, Request, Settings
+from ._http_request import Headers, Request
+from ._http_settings import Settings
 
 REC, MARK, PASS = "R", "M", "P"
 MARKER: list[Any] = [MARK]

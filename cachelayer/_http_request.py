@@ -8,24 +8,25 @@ read differently, a header that may change the response but is not in the key) i
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus
 
-from ._http_headers import parse_cache_control, parse_etags, parse_http_date
-from .exceptions import ConfigurationError
+from ._http_headers import (
+    normalise_vary_value,
+    parse_cache_control,
+    parse_etags,
+    parse_http_date,
+)
+from ._http_settings import NO_RULE, Rule, Settings
 
 log = logging.getLogger("cachelayer.asgi")
 
 Scope = Mapping[str, Any]
 Headers = list[tuple[bytes, bytes]]
-
-# RFC 9110 §15.1: statuses cacheable by default (heuristically), minus 206 (never stored here).
-DEFAULT_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 
 # Headers with which a client or proxy can change what the app renders (links, scheme, the
 # route itself) without changing the key. Present and untrusted means "bypass".
@@ -59,115 +60,6 @@ _HOST = re.compile(r"[a-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9a-f:.]{2,45}\](:[0-9
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 _MAX_PATH = 2048
 _MAX_QUERY = 4096
-
-
-class Rule:
-    """Per-route settings; the first rule whose glob matches the request path applies.
-
-    Args:
-        path: an ``fnmatch`` glob over the path the router sees (``*`` also crosses ``/``).
-        ttl: seconds to keep responses that carry no explicit freshness of their own.
-        cache: False sends matching requests around the cache entirely.
-        query_include: if given, only these query parameters are kept; all others are
-            removed before the app sees the request (so they cannot change a stored page).
-        query_exclude: query parameters removed before the app sees the request.
-        stale_while_revalidate, stale_if_error: defaults for responses that do not say.
-    """
-
-    __slots__ = (
-        "cache",
-        "path",
-        "query_exclude",
-        "query_include",
-        "regex",
-        "stale_if_error",
-        "stale_while_revalidate",
-        "ttl",
-    )
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        ttl: float | None = None,
-        cache: bool = True,
-        query_include: Iterable[str] | None = None,
-        query_exclude: Iterable[str] = (),
-        stale_while_revalidate: float | None = None,
-        stale_if_error: float | None = None,
-    ) -> None:
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ConfigurationError(f"a rule's path glob starts with '/', got {path!r}")
-        self.path = path
-        self.regex = re.compile(fnmatch.translate(path))
-        self.ttl = _seconds("ttl", ttl)
-        self.cache = bool(cache)
-        self.query_include = None if query_include is None else frozenset(query_include)
-        self.query_exclude = frozenset(query_exclude)
-        self.stale_while_revalidate = _seconds("stale_while_revalidate", stale_while_revalidate)
-        self.stale_if_error = _seconds("stale_if_error", stale_if_error)
-
-    def __repr__(self) -> str:
-        return f"Rule({self.path!r}, ttl={self.ttl}, cache={self.cache})"
-
-
-def _seconds(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigurationError(f"{name} must be a number of seconds >= 0, got {value!r}")
-    return float(value)
-
-
-_NO_RULE = Rule("/*")
-
-
-class Settings:
-    """Everything the middleware was configured with, validated once."""
-
-    def __init__(
-        self,
-        *,
-        default_ttl: float | None,
-        rules: Iterable[Rule],
-        private_key: Callable[[Scope], str | None] | None,
-        statuses: Collection[int],
-        max_body_size: int,
-        max_variants: int,
-        hit_for_miss_ttl: float,
-        stale_while_revalidate: float,
-        stale_if_error: float,
-        allow_client_no_cache: bool,
-        hosts: Iterable[str] | None,
-        trusted_forwarded_headers: Iterable[str],
-        tags_header: str | None,
-        cache_status: str | None,
-        prefix: str,
-    ) -> None:
-        self.default_ttl = _seconds("default_ttl", default_ttl)
-        self.rules = tuple(rules)
-        if not all(isinstance(r, Rule) for r in self.rules):
-            raise ConfigurationError("rules must be cachelayer.asgi.Rule objects")
-        if private_key is not None and not callable(private_key):
-            raise ConfigurationError("private_key must be a callable: scope -> str | None")
-        self.private_key = private_key
-        self.statuses = frozenset(statuses)
-        if 206 in self.statuses or 304 in self.statuses:
-            raise ConfigurationError("206 and 304 responses are never stored")
-        for name, n in (("max_body_size", max_body_size), ("max_variants", max_variants)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ConfigurationError(f"{name} must be a positive int, got {n!r}")
-        self.max_body_size = max_body_size
-        self.max_variants = max_variants
-        self.hit_for_miss_ttl = _seconds("hit_for_miss_ttl", hit_for_miss_ttl) or 0.0
-        self.swr = _seconds("stale_while_revalidate", stale_while_revalidate) or 0.0
-        self.sie = _seconds("stale_if_error", stale_if_error) or 0.0
-        self.allow_client_no_cache = bool(allow_client_no_cache)
-        self.hosts = None if hosts is None else frozenset(h.lower() for h in hosts)
-        self.trusted = tuple(sorted(h.lower().encode("ascii") for h in trusted_forwarded_headers))
-        self.tags_header = tags_header.lower().encode("ascii") if tags_header else None
-        self.cache_status = cache_status
-        self.prefix = prefix
 
 
 class Request:
@@ -220,8 +112,6 @@ class Request:
         return [v for n, v in self.headers if n == raw]
 
     def vary_values(self, names: Iterable[str]) -> list[str | None]:
-        from ._http_headers import normalise_vary_value
-
         return [normalise_vary_value(n, self.field(n)) for n in names]
 
 
@@ -229,7 +119,7 @@ def match_rule(settings: Settings, path: str) -> Rule:
     for rule in settings.rules:
         if rule.regex.match(path):
             return rule
-    return _NO_RULE
+    return NO_RULE
 
 
 def canonical_query(raw: bytes, rule: Rule) -> bytes | None:

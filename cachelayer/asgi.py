@@ -5,11 +5,12 @@
 
     app = Starlette(routes=routes, middleware=[Middleware(CacheMiddleware, cache=cache)])
 
-Pure ASGI (no ``BaseHTTPMiddleware``), shaped like Starlette's ``GZipMiddleware``: a per-request
-``_Exchange`` wraps ``send`` and holds the response start until the first body chunk shows
-whether the response can be stored. It imports nothing from Starlette, so it works in front of
-any ASGI app. What may be stored is decided in ``_http_request`` (requests) and
-``_http_record`` (responses); this module is the plumbing and the coalescing.
+Pure ASGI (no ``BaseHTTPMiddleware``), shaped like Starlette's ``GZipMiddleware``: a
+per-request ``Exchange`` (``_http_exchange``) wraps ``send`` and holds the response start until
+the first body chunk shows whether the response can be stored. It imports nothing from
+Starlette, so it works in front of any ASGI app. What may be stored is decided in
+``_http_request`` (requests) and ``_http_record`` (responses); this module is the plumbing
+and the coalescing.
 
 Coalescing rides on the core's single-flight: the first request for a cold key becomes the
 loader. Its app runs in a child task that streams straight to its own client, and the load
@@ -23,48 +24,30 @@ import asyncio
 import hashlib
 import json
 import logging
-import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from ._cache import Cache, Loaded
+from ._http_exchange import ASGIApp, Exchange, Message, Receive, Scope, Send
 from ._http_record import (
     AUTH_OK,
     GEN,
     MARK,
-    MARKER,
     PASS_VALUE,
     REC,
     STALE,
     VARY_NAMES,
     VARY_VALUES,
-    NotStored,
-    Plan,
     answer,
-    new_record,
-    not_modified,
-    plan_response,
     remaining,
 )
-from ._http_request import (
-    DEFAULT_STATUSES,
-    Request,
-    Rule,
-    Settings,
-    classify,
-    invalidation_keys,
-)
+from ._http_request import Request, classify, invalidation_keys
+from ._http_settings import DEFAULT_STATUSES, Rule, Settings
 
 __all__ = ["DEFAULT_STATUSES", "CacheMiddleware", "Rule"]
 
 log = logging.getLogger("cachelayer.asgi")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _SAFE_METHODS = frozenset({"OPTIONS", "TRACE"})
 _MAX_TRACKED_URLS = 10_000
@@ -214,19 +197,18 @@ class CacheMiddleware:
             else:
                 await self._forward(req, receive, send, "fwd=stale", key, primary)
                 return
-            start, body = answer(value, req, now, self._status(label))
+            start, body = answer(value, req, now, self.status_field(label))
             await send(start)
             await send(body)
-        elif value is None and req.only_if_cached:
-            status = self._status("fwd=miss; detail=only-if-cached")
+        elif req.only_if_cached:  # RFC 9111 §5.2.1.7: nothing stored to answer with
+            status = self.status_field("fwd=miss; detail=only-if-cached")
             headers = [(b"cache-status", status)] if status else []
             await send({"type": "http.response.start", "status": 504, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
         else:
             detail = "; detail=hit-for-miss" if kind == MARK else ""
-            store = not (req.head or req.lookup_only)
             label = ("fwd=uri-miss" if primary is None else "fwd=vary-miss") + detail
-            await self._forward(req, receive, send, label, key, primary, store=store)
+            await self._forward(req, receive, send, label, key, primary)
 
     async def _other_variant(
         self,
@@ -280,13 +262,13 @@ class CacheMiddleware:
     ) -> tuple[Any, bool]:
         """The stored value, or the coalesced load of it. ``led`` means this request ran the
         load and its response has already been sent by the app."""
-        exchange: _Exchange | None = None
+        exchange: Exchange | None = None
 
         def lead() -> Awaitable[Loaded[Any]]:
             # Only misses get here, so only they pay for an exchange.
             nonlocal exchange
             label = "fwd=uri-miss" if primary is None else "fwd=vary-miss"
-            exchange = _Exchange(self, req, key, primary, receive, send, label)
+            exchange = Exchange(self, req, key, primary, receive, send, label)
             return exchange.lead()
 
         try:
@@ -322,11 +304,11 @@ class CacheMiddleware:
     ) -> None:
         """Ask the app for this request alone (no queueing behind others); store the
         response under ``key`` if it may be stored."""
-        if not store:
+        if not store or req.head or req.lookup_only:
             await self.app(req.scope, receive, self._labelled(send, label))  # type: ignore[arg-type]
             return
         key = req.key if key is None else key
-        exchange = _Exchange(self, req, key, primary, receive, send, label)
+        exchange = Exchange(self, req, key, primary, receive, send, label)
         await exchange.run()
         loaded = exchange.outcome
         if loaded is not None and loaded.store and loaded.value[0] == REC:
@@ -343,7 +325,7 @@ class CacheMiddleware:
     async def _unsafe(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass through; a success invalidates the URL (RFC 9111 §4.4) before the client
         hears of it, so the client's next read cannot be served the old page."""
-        status_field = self._status("fwd=method")
+        status_field = self.status_field("fwd=method")
 
         async def send_invalidating(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -367,196 +349,25 @@ class CacheMiddleware:
 
     # --- small helpers -----------------------------------------------------------------------
 
-    def _status(self, detail: str) -> bytes | None:
+    def status_field(self, detail: str) -> bytes | None:
         name = self.settings.cache_status
         return None if name is None else f"{name}; {detail}".encode("ascii")
 
     def _labelled(self, send: Send, label: str) -> Send:
         """``send`` with Cache-Status added and the tags header removed."""
-        status_field = self._status(label)
+        status_field = self.status_field(label)
         tags_header = self.settings.tags_header
 
         async def send_labelled(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": self._headers(message, status_field)}
+                message = {**message, "headers": self.headers_for(message, status_field)}
             await send(message)
 
         return send_labelled if status_field is not None or tags_header else send
 
-    def _headers(self, start: Message, status_field: bytes | None) -> list[Any]:
+    def headers_for(self, start: Message, status_field: bytes | None) -> list[Any]:
         tags_header = self.settings.tags_header
         headers = [h for h in start.get("headers", []) if h[0].lower() != tags_header]
         if status_field is not None:
             headers.append((b"cache-status", status_field))
         return headers
-
-
-class _Exchange:
-    """One request answered by the app while the cache watches (GZipMiddleware's responder
-    shape): the start is held until the first body chunk, which shows whether the response is
-    one piece (stored, ETag added) or a stream (forwarded at once, stored if it stays small)."""
-
-    def __init__(
-        self,
-        mw: CacheMiddleware,
-        req: Request,
-        key: str,
-        primary: list[Any] | None,
-        receive: Receive,
-        send: Send,
-        label: str,
-    ) -> None:
-        self.mw = mw
-        self.req = req
-        self.key = key
-        self.primary = primary  # set when loading a variant of this stored response
-        self.receive = receive
-        self.send = send
-        self.label = label
-        self.task: asyncio.Task[None] | None = None
-        self.fate: asyncio.Future[Loaded[Any]] | None = None
-        self.outcome: Loaded[Any] | None = None
-        self.plan: Plan | None = None
-        self.start: Message | None = None
-        self.started = False
-        self.passthrough = False
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    async def lead(self) -> Loaded[Any]:
-        """The loader the core calls when this request leads: the app runs in a child task
-        (streaming to this client) and the load ends as soon as the response's fate is known."""
-        loop = asyncio.get_running_loop()
-        self.fate = loop.create_future()
-        self.task = loop.create_task(self.run())
-        try:
-            return await self.fate
-        except asyncio.CancelledError:
-            self.abandon()
-            raise
-
-    def abandon(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-
-    async def run(self) -> None:
-        try:
-            await self.mw.app(self.req.app_scope(), self.receive, self.capture)
-        finally:
-            # An app that failed (or answered oddly) leaves waiters nothing to share.
-            self.decide(Loaded(PASS_VALUE, store=False))
-
-    def decide(self, loaded: Loaded[Any]) -> None:
-        if self.outcome is None:
-            self.outcome = loaded
-            if self.fate is not None and not self.fate.done():
-                self.fate.set_result(loaded)
-
-    def refuse(self, why: NotStored) -> None:
-        ttl = self.mw.settings.hit_for_miss_ttl
-        if why.mark and ttl > 0:
-            self.decide(Loaded(MARKER, ttl=ttl, stale_ttl=0))
-        else:
-            self.decide(Loaded(PASS_VALUE, store=False))
-
-    async def capture(self, message: Message) -> None:
-        if self.passthrough:
-            await self.send(message)
-            return
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.start = message
-            try:
-                plan = plan_response(
-                    self.mw.settings, self.req, message["status"], message.get("headers", []),
-                    self.mw.clock(),
-                )  # fmt: skip
-            except Exception:
-                log.warning("cachelayer: cannot judge a response; not storing", exc_info=True)
-                plan = NotStored("error", mark=False)
-            if message.get("trailers"):
-                plan = NotStored("trailers", mark=False)
-            if isinstance(plan, NotStored):
-                self.refuse(plan)
-                await self._start(plan.reason)
-            else:
-                self.plan = plan
-            return
-        if kind != "http.response.body" or self.plan is None:
-            # pathsend, zero-copy, early hints, trailers: not ours to store or to delay.
-            self.refuse(NotStored("extension", mark=False))
-            if self.start is not None and not self.started:
-                await self._start("extension")
-            self.passthrough = True
-            await self.send(message)
-            return
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
-        if not self.started and not more:
-            await self._single(body, message)
-            return
-        if not self.started:
-            await self._start(None)
-        self.size += len(body)
-        if self.size > self.mw.settings.max_body_size:
-            self.refuse(NotStored("too-large", mark=True))
-            self.passthrough, self.chunks = True, []
-        else:
-            self.chunks.append(body)
-        await self.send(message)
-        if not more and not self.passthrough:
-            self._complete(b"".join(self.chunks))
-
-    async def _single(self, body: bytes, message: Message) -> None:
-        """A response in one piece: store it, then answer this client as a hit would
-        (derived ETag, its own conditional request answered with 304)."""
-        record = self._complete(body)
-        if record is None:
-            await self._start(None)
-            await self.send(message)
-            return
-        assert self.start is not None
-        self.started = True
-        status = self.mw._status(self.label + "; stored")
-        if (self.req.inm is not None or self.req.ims is not None) and not_modified(
-            record, self.req
-        ):
-            start, empty = answer(record, self.req, self.mw.clock(), status)
-            start["headers"] = [h for h in start["headers"] if h[0] != b"age"]
-            await self.send(start)
-            await self.send(empty)
-            return
-        headers = self.mw._headers(self.start, status)
-        if not any(h[0].lower() == b"etag" for h in headers):
-            headers += [(n, v) for n, v in record[2] if n == b"etag"]
-        await self.send({**self.start, "headers": headers})
-        await self.send(message)
-
-    async def _start(self, reason: str | None) -> None:
-        assert self.start is not None
-        self.started = True
-        detail = self.label if reason is None else f"{self.label}; detail={reason}"
-        headers = self.mw._headers(self.start, self.mw._status(detail))
-        await self.send({**self.start, "headers": headers})
-
-    def _complete(self, body: bytes) -> list[Any] | None:
-        plan = self.plan
-        assert plan is not None
-        if plan.content_length is not None and plan.content_length != len(body):
-            self.refuse(NotStored("content-length", mark=False))
-            return None
-        if len(body) > self.mw.settings.max_body_size:
-            self.refuse(NotStored("too-large", mark=True))
-            return None
-        if self.primary is not None:
-            if list(plan.vary) != self.primary[VARY_NAMES]:
-                self.refuse(NotStored("vary", mark=False))  # the app changed its Vary
-                return None
-            gen = self.primary[GEN]
-        else:
-            gen = secrets.token_hex(8) if plan.vary else ""
-        record = new_record(plan, body, self.mw.clock(), self.req, gen)
-        # The core may stretch a TTL by its jitter; HTTP freshness must not be exceeded.
-        ttl = (plan.lifetime - plan.age0) / self.mw._stretch
-        self.decide(Loaded(record, ttl=ttl, stale_ttl=plan.stale, tags=plan.tags))
-        return record
