@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -104,6 +105,16 @@ class SyncAPI:
     def close(self, cache: Cache) -> None:
         cache.close()
 
+    def settle(self, cache: Cache, timeout: float = 5.0) -> None:
+        """Wait until no load or background refresh of ``cache`` is running."""
+        deadline = time.monotonic() + timeout
+        while len(cache._flights) and time.monotonic() < deadline:
+            self.pause(0.005)
+        assert not len(cache._flights), "background work did not finish"
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
 
 class AsyncAPI(SyncAPI):
     """The async twins, driven to completion on one event loop per test."""
@@ -128,7 +139,8 @@ class AsyncAPI(SyncAPI):
 
     def get_or_load(self, cache: Cache, key: str, loader: Callable[[], Any], **kw: Any) -> Any:
         async def aloader() -> Any:
-            return loader()
+            # In a thread, so a loader that sleeps to be slow does not block the loop.
+            return await asyncio.to_thread(loader)
 
         return self.run(cache.aget_or_load(key, aloader, **kw))
 
@@ -147,6 +159,9 @@ class AsyncAPI(SyncAPI):
 
     def close(self, cache: Cache) -> None:
         self.run(cache.aclose())
+
+    def pause(self, seconds: float) -> None:
+        self.run(asyncio.sleep(seconds))  # lets background tasks on this loop run
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -192,3 +192,110 @@ def test_owned_clients_use_hiredis_and_do_not_retry() -> None:
     assert kwargs["retry"].get_retries() == 0
     assert kwargs["socket_timeout"] == TIMEOUT
     cache.close()
+
+
+def test_the_circuit_opens_skips_redis_and_closes_after_a_good_probe(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cachelayer.testing import FakeClock
+
+    clock = FakeClock()
+    cache = Cache(
+        own_redis.url,
+        clock=clock,
+        jitter=0,
+        l1_maxsize=0,
+        breaker_threshold=3,
+        breaker_cooldown=10,
+        redis_timeout=TIMEOUT,
+    )
+    loader = Counter()
+    own_redis.stop()
+    with caplog.at_level(logging.INFO, logger="cachelayer"):
+        for i in range(3):
+            cache.get_or_load(f"k{i}", loader)
+        assert cache.stats()["circuit_open"] is True
+        errors = cache.stats()["backend_errors"]
+        for i in range(50):  # open: Redis is not even tried
+            _, took = timed(lambda i=i: cache.get_or_load(f"open{i}", loader))
+            assert took < 0.05
+        assert cache.stats()["backend_errors"] == errors
+        own_redis.start()
+        clock.advance(10)  # cool-down over: the next call probes, succeeds, closes it
+        cache.get_or_load("probe", loader)
+        assert cache.stats()["circuit_open"] is False
+        cache.set("after", 1)
+        other = Cache(own_redis.url, clock=clock)
+        assert other.get("after") == 1
+        other.close()
+    assert "circuit open" in caplog.text
+    assert "circuit closed" in caplog.text
+    cache.close()
+
+
+def test_a_failed_probe_keeps_the_circuit_open(own_redis: RedisServer) -> None:
+    from cachelayer.testing import FakeClock
+
+    clock = FakeClock()
+    cache = Cache(own_redis.url, clock=clock, breaker_cooldown=10, redis_timeout=TIMEOUT)
+    own_redis.stop()
+    for i in range(3):
+        cache.get_or_load(f"k{i}", Counter())
+    clock.advance(10)
+    cache.get_or_load("probe", Counter())  # fails
+    assert cache.stats()["circuit_open"] is True
+    errors = cache.stats()["backend_errors"]
+    cache.get_or_load("skipped", Counter())
+    assert cache.stats()["backend_errors"] == errors
+    cache.close()
+
+
+@pytest.mark.slow
+def test_chaos_no_caller_error_bounded_latency_one_load_per_key(own_redis: RedisServer) -> None:
+    """Threads read 20 keys while the proxy cycles through delay, drop, blackhole and pass."""
+    with Proxy(own_redis.port) as proxy:
+        cache = Cache(proxy.url, redis_timeout=TIMEOUT, jitter=0, ttl=600, breaker_cooldown=0.3)
+        loads: dict[str, int] = {}
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        worst = 0.0
+        stop = threading.Event()
+
+        def loader_for(key: str) -> Any:
+            def load() -> str:
+                with lock:
+                    loads[key] = loads.get(key, 0) + 1
+                time.sleep(0.005)
+                return key
+
+            return load
+
+        def reader(seed: int) -> None:
+            nonlocal worst
+            i = seed
+            while not stop.is_set():
+                key = f"k{i % 20}"
+                i += 7
+                try:
+                    value, took = timed(lambda k=key: cache.get_or_load(k, loader_for(k)))
+                    assert value == key
+                except BaseException as exc:  # the invariant is: none at all
+                    errors.append(exc)
+                    return
+                with lock:
+                    worst = max(worst, took)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for mode in ["delay", "drop", "pass", "blackhole", "pass", "drop", "blackhole", "pass"]:
+            proxy.set_mode(mode, 0.05)
+            time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(5)
+        cache.close()
+    assert errors == []
+    assert worst < BOUND
+    assert sorted(loads) == sorted(f"k{i}" for i in range(20))
+    assert set(loads.values()) == {1}  # L1 and single-flight: once per key, Redis or not
