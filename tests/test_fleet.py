@@ -19,7 +19,7 @@ from cachelayer import Cache
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-WORKER = str(Path(__file__).with_name("fleet_worker.py"))
+WORKER = str(Path(__file__).resolve().parent.parent / "benchmarks" / "fleet_worker.py")
 LOAD = 0.05
 
 

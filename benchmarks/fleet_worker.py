@@ -1,6 +1,6 @@
 """One process of a simulated fleet, for the fleet-wide single-flight tests and benchmark.
 
-    python tests/fleet_worker.py URL NAMESPACE KEY CALLERS MODE START LOAD_SECONDS [LEASE_TTL]
+    python benchmarks/fleet_worker.py URL NS KEY CALLERS MODE START LOAD_SECONDS [LEASE_TTL [LEASE]]
 
 MODE is "async" (CALLERS tasks) or "threads". Every caller waits for wall-clock START, then
 asks for KEY. The loader counts itself in Redis (``<NAMESPACE>:loads``), sleeps, and returns
@@ -25,9 +25,10 @@ from cachelayer import Cache
 def main() -> None:
     url, ns, key, callers, mode, start, load_s = sys.argv[1:8]
     lease_ttl = float(sys.argv[8]) if len(sys.argv) > 8 else 10.0
+    lease = sys.argv[9] != "0" if len(sys.argv) > 9 else True
     n, start_at, load_seconds = int(callers), float(start), float(load_s)
     counter = redis.Redis.from_url(url)
-    cache = Cache(url, namespace=ns, lease_ttl=lease_ttl, jitter=0)
+    cache = Cache(url, namespace=ns, lease_ttl=lease_ttl, lease=lease, jitter=0)
     cache.get_or_load("warm-up", lambda: 1)  # connects, and starts the pub/sub listener
     cache._bus.ready.wait(5)
     me = f"pid-{os.getpid()}"
