@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from cachelayer.cli import cache_option
 from cachelayer.surge.plot import plot
 from cachelayer.surge.replay import run
 from cachelayer.surge.report import table, to_json
@@ -34,6 +35,8 @@ from cachelayer.surge.scenario import Scenario, SurgeError
 def knobs(parser: argparse.ArgumentParser) -> None:
     """One flag per Scenario field, named after it, defaulting to it."""
     for field in dataclasses.fields(Scenario):
+        if field.name == "cache_options":
+            continue  # --cache-option KEY=VALUE, below
         default = field.default
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
@@ -55,6 +58,7 @@ FIGURES: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
     ("failed requests", lambda run: run["requests"] - run["ok"]),
     ("DB queries", lambda run: run["db_queries"]),
     ("pool timeouts", lambda run: run["pool_timeouts"]),
+    ("Redis errors", lambda run: (run["cache"] or {}).get("backend_errors", 0)),
 ]
 
 
@@ -81,6 +85,14 @@ def main() -> int:
         "--private-redis", action="store_true", help="start a throwaway redis-server for the run"
     )
     parser.add_argument("--serve", action="store_true", help="uvicorn + out-of-process load")
+    parser.add_argument(
+        "--cache-option",
+        action="append",
+        default=[],
+        type=cache_option,
+        metavar="KEY=VALUE",
+        help="another Cache() keyword for the cached run, e.g. origin_limit=8 (repeatable)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="replays to run (default 1)")
     parser.add_argument("--results", default="results", help="folder for the run's folder")
     parser.add_argument("--plot-copy", help="also copy the PNG here (e.g. docs/img/surge.png)")
@@ -89,7 +101,12 @@ def main() -> int:
         parser.error("--repeat must be from 1 to 20")
     results = []
     try:
-        sc = Scenario(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Scenario)})
+        knobs_given = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(Scenario)
+            if f.name != "cache_options"
+        }
+        sc = Scenario(**knobs_given, cache_options=dict(args.cache_option))
         with redis_for(args) as redis_url:
             for _ in range(args.repeat):
                 results.append(

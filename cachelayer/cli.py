@@ -11,9 +11,11 @@ handler that imports what it needs only when called, so ``cachelayer --help`` (a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -34,6 +36,18 @@ def _number(
         return value
 
     return parse
+
+
+def cache_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for a ``Cache()`` keyword; VALUE is read as JSON when it can be
+    (``8``, ``0.5``, ``true``, ``null``) and kept as a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def add_surge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,6 +106,14 @@ def add_surge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=0.0,
         metavar="S",
         help="grace period handed to Cache(stale_ttl=...) (default 0)",
+    )
+    p.add_argument(
+        "--cache-option",
+        action="append",
+        default=[],
+        type=cache_option,
+        metavar="KEY=VALUE",
+        help="another Cache() keyword for the cached run, e.g. origin_limit=8 (repeatable)",
     )
     p.add_argument(
         "--db-delay-ms",

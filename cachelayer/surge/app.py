@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from .db import Shop
 from .pool import DatabaseError, InjectedFailureError, PoolTimeoutError
-from .scenario import Scenario
+from .scenario import Scenario, SurgeError
 
 SESSION_COOKIE = "session"
 # Each failure a shop under overload really produces answers with its own status, so the
@@ -38,7 +38,11 @@ def make_cache(sc: Scenario, redis_url: str | None, namespace: str) -> Any:
     """The cached run's Cache: L1 only, or L1 + Redis when a Redis URL is given."""
     from cachelayer import Cache
 
-    return Cache(redis_url, namespace=namespace, ttl=sc.ttl, stale_ttl=sc.stale_ttl)
+    options = {"ttl": sc.ttl, "stale_ttl": sc.stale_ttl, **sc.cache_options}
+    try:
+        return Cache(redis_url, namespace=namespace, **options)
+    except (TypeError, ValueError) as exc:
+        raise SurgeError(f"the cache refused its options {options}: {exc}") from None
 
 
 def build_app(

@@ -55,6 +55,7 @@ def surge(args: argparse.Namespace) -> int:
             keys=args.keys,
             ttl=args.ttl,
             stale_ttl=args.stale_ttl,
+            cache_options=dict(args.cache_option),
             db_delay=args.db_delay_ms / 1000,
             seed=args.seed,
         )

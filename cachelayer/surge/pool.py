@@ -30,6 +30,13 @@ class DatabaseError(Exception):
     """The database itself failed a query (not injected)."""
 
 
+def _outcome_seen(task: asyncio.Future[Any]) -> None:
+    # When the caller gave up, nobody awaits the query any more; its failure is already
+    # counted, so mark it seen rather than let asyncio log it as never retrieved.
+    if not task.cancelled():
+        task.exception()
+
+
 class PoolMetrics:
     """What the pool saw during one run; times are ``time.monotonic()`` seconds."""
 
@@ -110,7 +117,9 @@ class Pool(Generic[C]):
         # The query runs in a task of its own that returns the connection when the query is
         # really over: a caller that gives up (client timeout) must not hand a connection
         # back to the pool while a thread or the server is still using it.
-        return await asyncio.shield(asyncio.ensure_future(self._hold(conn, m, sql, args)))
+        held = asyncio.ensure_future(self._hold(conn, m, sql, args))
+        held.add_done_callback(_outcome_seen)
+        return await asyncio.shield(held)
 
     async def _acquire(self) -> C:
         if self._free and not self._waiters:

@@ -78,8 +78,9 @@ async def in_process(
     target: db.Target, sc: Scenario, cached: bool, redis_url: str | None, namespace: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Get]]:
     shop = await db.connect(target, sc)
-    cache = make_cache(sc, redis_url, namespace) if cached else None
+    cache = None
     try:
+        cache = make_cache(sc, redis_url, namespace) if cached else None
         transport = httpx.ASGITransport(app=build_app(shop, cache))
         async with httpx.AsyncClient(transport=transport, base_url="http://shop.local") as client:
             yield client, httpx_get(client)
@@ -151,6 +152,7 @@ async def replay(
     if serve:
         _check_uvicorn()
     await asyncio.to_thread(check_redis, redis_url)
+    make_cache(sc, None, "surge-check").close()  # refuse bad cache options before any work
     arrivals = schedule(sc)
     phases = sc.phases()
     target = await db.prepare(database_url, sc)

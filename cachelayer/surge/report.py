@@ -70,8 +70,9 @@ def describe(result: dict[str, Any]) -> list[str]:
         f"{sc['keys']:,} products (Zipf s={sc['zipf_s']:g}), {sc['sessions']:,} sessions",
         f"database: {result['database']}, pool of {sc['pool_size']} "
         f"(pool timeout {sc['pool_timeout']:g} s), injected latency: {delay}",
-        f"cache: {result['cache_tiers']}, TTL {sc['ttl']:g} s; app: {result['app']}; "
-        f"client timeout {sc['request_timeout']:g} s",
+        f"cache: {result['cache_tiers']}, TTL {sc['ttl']:g} s, stale TTL {sc['stale_ttl']:g} s"
+        + "".join(f", {k}={v}" for k, v in sc.get("cache_options", {}).items()),
+        f"app: {result['app']}; client timeout {sc['request_timeout']:g} s",
         f"brown-out {brown['start']:g}-{brown['end']:g} s: connections held "
         f"{brown['slowdown']:g}x longer, {brown['fail_share']:.0%} of queries fail (injected)",
         "latency is measured from each request's scheduled send time (open loop)",

@@ -13,7 +13,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # Hard ceilings: a replay is a bounded experiment, never an accidental load test of a machine.
 MAX_DURATION = 600.0
@@ -56,11 +56,14 @@ class Scenario:
     pool_timeout: float = 1.0  # an app waits this long for a connection, then answers 503
     request_timeout: float = 2.0  # the client gives up after this long
     ttl: float = 5.0
-    stale_ttl: float = 0.0  # handed to Cache(); serving stale entries is another feature
+    stale_ttl: float = 0.0  # handed to Cache(): seconds a stale entry may still be served
     db_delay: float = 0.0  # injected latency per query (models a remote or slower server)
     brownout_slowdown: float = 4.0
     brownout_fail_share: float = 0.2
     seed: int = 1
+    # More keyword arguments for the cached run's Cache() (origin_limit, max_stale, ...), so
+    # every defence the cache grows can be measured without changing the replay.
+    cache_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
