@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cachelayer.cli import cache_option
+from cachelayer.surge.app import quiet_cache_warnings
 from cachelayer.surge.plot import plot
 from cachelayer.surge.replay import run
 from cachelayer.surge.report import table, to_json
@@ -97,6 +98,7 @@ def main() -> int:
     parser.add_argument("--results", default="results", help="folder for the run's folder")
     parser.add_argument("--plot-copy", help="also copy the PNG here (e.g. docs/img/surge.png)")
     args = parser.parse_args()
+    quiet_cache_warnings()
     if not 1 <= args.repeat <= 20:
         parser.error("--repeat must be from 1 to 20")
     results = []

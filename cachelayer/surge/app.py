@@ -8,6 +8,7 @@ measured, whether the app runs in the driver's process or behind uvicorn in anot
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +33,13 @@ FAILURE_STATUS: dict[type[Exception], int] = {
 }
 INJECTED_STATUS = FAILURE_STATUS[InjectedFailureError]
 OVERLOAD_ERRORS = tuple(FAILURE_STATUS)
+
+
+def quiet_cache_warnings() -> None:
+    """For the replay's entry points: the cache warns once per failing key or Redis call,
+    which under a brown-out is hundreds of lines burying the table; its stats count every
+    such event and the table reports them, so only errors are let through."""
+    logging.getLogger("cachelayer").setLevel(logging.ERROR)
 
 
 def make_cache(sc: Scenario, redis_url: str | None, namespace: str) -> Any:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from .app import quiet_cache_warnings
 from .loadgen import Progress
 from .replay import run
 from .report import table, to_json
@@ -46,6 +47,7 @@ class LiveLine:
 
 
 def surge(args: argparse.Namespace) -> int:
+    quiet_cache_warnings()
     try:
         sc = Scenario(
             duration=args.duration,

@@ -22,6 +22,11 @@ def _cache(field: str) -> Callable[[dict[str, Any]], str]:
     return lambda r: _int(r["cache"][field]) if field in (r["cache"] or {}) else "-"
 
 
+def _stale(cache: dict[str, Any] | None) -> str:
+    counts = [v for k, v in (cache or {}).items() if k.startswith("stale_")]
+    return _int(sum(counts)) if counts else "-"
+
+
 ROWS: list[Row] = [
     ("requests scheduled", lambda r: _int(r["requests"])),
     ("  answered OK", lambda r: _int(r["ok"])),
@@ -54,7 +59,11 @@ ROWS: list[Row] = [
     ("cache hits, Redis", _cache("l2_hits")),
     ("loader calls", _cache("loads")),
     ("coalesced (single-flight)", _cache("coalesced")),
+    ("served stale (all reasons)", lambda r: _stale(r["cache"])),
+    ("early refreshes", _cache("early_refreshes")),
+    ("loads shed (origin guard)", _cache("loads_shed")),
     ("Redis errors", _cache("backend_errors")),
+    ("circuit breaker opened", _cache("breaker_opened")),
     ("max generator lag (ms)", lambda r: _ms(r["max_send_lag_ms"])),
 ]
 

@@ -19,7 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from . import db
-from .app import build_app, make_cache
+from .app import build_app, make_cache, quiet_cache_warnings
 from .scenario import Scenario
 
 
@@ -41,6 +41,7 @@ async def build(spec: dict[str, Any]) -> Starlette:
 
 
 async def serve(spec: dict[str, Any]) -> None:
+    quiet_cache_warnings()
     app = await build(spec)
     config = uvicorn.Config(
         app,
