@@ -41,6 +41,29 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class OriginError(Exception):
+    """A background refresh got an error from the app; raised so the core keeps (and may
+    serve, fail-safe) the stale entry instead of storing the error."""
+
+
+def idle_receive() -> Receive:
+    """``receive`` for a request nobody is connected to: an empty body, then silence."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()  # until the app stops listening (cancelled)
+        sent = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return receive
+
+
+async def discard(message: Message) -> None:
+    """``send`` for a request nobody is connected to."""
+
+
 class Exchange:
     """One request answered by the app while the cache watches (GZipMiddleware's responder
     shape): the start is held until the first body chunk, which shows whether the response is
@@ -72,6 +95,10 @@ class Exchange:
         self.passthrough = False
         self.chunks: list[bytes] = []
         self.size = 0
+        # A stale response that may stand in if the app fails (stale-if-error), and the
+        # status of the failed response swallowed in its favour (0: the app raised).
+        self.fallback: list[Any] | None = None
+        self.swallowed: int | None = None
 
     async def lead(self) -> Loaded[Any]:
         """The loader the core calls when this request leads: the app runs in a child task
@@ -89,12 +116,37 @@ class Exchange:
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
-    async def run(self) -> None:
+    async def refresh(self) -> Loaded[Any]:
+        """The loader of a background refresh (the core's stale-while-revalidate or early
+        refresh): nobody is connected, so the response goes to the cache only, and an error
+        raises so the stale entry stays."""
         try:
             await self.mw.app(self.req.app_scope(), self.receive, self.capture)
         finally:
+            self.decide(Loaded(PASS_VALUE, store=False))
+        status = 0 if self.start is None else self.start["status"]
+        if not 100 <= status < 500:
+            raise OriginError(f"the app answered {status or 'nothing'}")
+        assert self.outcome is not None
+        return self.outcome
+
+    async def run(self) -> None:
+        try:
+            await self.mw.app(self.req.app_scope(), self.receive, self.capture)
+        except Exception:
+            if self.fallback is None or self.started:
+                raise
+            log.warning("cachelayer: the app failed; serving stale (stale-if-error)", exc_info=True)
+            self.swallowed = 0
+        finally:
             # An app that failed (or answered oddly) leaves waiters nothing to share.
             self.decide(Loaded(PASS_VALUE, store=False))
+        if self.swallowed is not None and self.fallback is not None:
+            detail = f"fwd-status={self.swallowed}" if self.swallowed else "detail=app-error"
+            status_field = self.mw.status_field(f"fwd=stale; {detail}")
+            start, body = answer(self.fallback, self.req, self.mw.clock(), status_field)
+            await self.send(start)
+            await self.send(body)
 
     def decide(self, loaded: Loaded[Any]) -> None:
         if self.outcome is None:
@@ -113,9 +165,15 @@ class Exchange:
         if self.passthrough:
             await self.send(message)
             return
+        if self.swallowed is not None:
+            return
         kind = message["type"]
         if kind == "http.response.start":
             self.start = message
+            if self.fallback is not None and message["status"] >= 500:
+                self.swallowed = message["status"]
+                self.decide(Loaded(PASS_VALUE, store=False))
+                return
             try:
                 plan = plan_response(
                     self.mw.settings, self.req, message["status"], message.get("headers", []),
@@ -210,5 +268,6 @@ class Exchange:
         record = new_record(plan, body, self.mw.clock(), self.req, gen)
         # The core may stretch a TTL by its jitter; HTTP freshness must not be exceeded.
         ttl = (plan.lifetime - plan.age0) / self.mw._stretch
-        self.decide(Loaded(record, ttl=ttl, stale_ttl=plan.stale, tags=plan.tags))
+        grace = max(plan.swr, plan.sie)  # the core keeps it this long past freshness
+        self.decide(Loaded(record, ttl=ttl, stale_ttl=grace, tags=plan.tags))
         return record

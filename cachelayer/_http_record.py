@@ -4,7 +4,10 @@ stored response is answered again (hit, 304, HEAD).
 A stored response is a plain list (msgpack-friendly, cheap to index on the hit path)::
 
     ["R", status, headers, body, stored_at, lifetime, age0, etag, last_modified,
-     vary_names, vary_values, gen, auth_ok, stale]
+     vary_names, vary_values, gen, auth_ok, swr, sie]
+
+``swr`` and ``sie`` are the response's stale-while-revalidate and stale-if-error windows; the
+core keeps the entry for the larger of the two past its freshness.
 
 ``["M"]`` is a hit-for-miss marker (this URL answered with something uncacheable, so do not
 queue requests behind each other for it) and ``["P"]`` is handed to coalesced waiters, never
@@ -45,8 +48,9 @@ PASS_VALUE: list[Any] = [PASS]
     VARY_VALUES,
     GEN,
     AUTH_OK,
-    STALE,
-) = range(14)
+    SWR,
+    SIE,
+) = range(15)
 
 # Never stored, never replayed: they describe one connection or one delivery, not the page.
 _HOP = frozenset(
@@ -74,8 +78,9 @@ class Plan:
         "headers",
         "last_modified",
         "lifetime",
-        "stale",
+        "sie",
         "status",
+        "swr",
         "tags",
         "vary",
     )
@@ -85,7 +90,8 @@ class Plan:
         self.headers: list[list[bytes]] = []
         self.lifetime = 0.0
         self.age0 = 0.0
-        self.stale = 0.0
+        self.swr = 0.0
+        self.sie = 0.0
         self.tags: tuple[str, ...] = ()
         self.vary: tuple[str, ...] = ()
         self.etag: bytes | None = None
@@ -157,7 +163,7 @@ def plan_response(
             swr = rule.stale_while_revalidate or settings.swr
         if sie is None:
             sie = rule.stale_if_error or settings.sie
-        plan.stale = float(max(swr, sie))
+        plan.swr, plan.sie = float(swr), float(sie)
     if settings.tags_header is not None and settings.tags_header in lines:
         tags = parse_tags(b",".join(lines[settings.tags_header]))
         if tags is None:
@@ -233,7 +239,8 @@ def new_record(plan: Plan, body: bytes, now: float, req: Request, gen: str) -> l
         values,
         gen,
         plan.auth_ok,
-        plan.stale,
+        plan.swr,
+        plan.sie,
     ]
 
 

@@ -29,14 +29,24 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from ._cache import Cache, Loaded
-from ._http_exchange import ASGIApp, Exchange, Message, Receive, Scope, Send
+from ._http_exchange import (
+    ASGIApp,
+    Exchange,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    discard,
+    idle_receive,
+)
 from ._http_record import (
     AUTH_OK,
     GEN,
     MARK,
     PASS_VALUE,
     REC,
-    STALE,
+    SIE,
+    SWR,
     VARY_NAMES,
     VARY_VALUES,
     answer,
@@ -51,6 +61,7 @@ log = logging.getLogger("cachelayer.asgi")
 
 _SAFE_METHODS = frozenset({"OPTIONS", "TRACE"})
 _MAX_TRACKED_URLS = 10_000
+_ANY_GRACE = float(2**31)
 
 
 class CacheMiddleware:
@@ -192,10 +203,12 @@ class CacheMiddleware:
             left = remaining(value, now)
             if left > 0:
                 label = f"hit; ttl={int(left)}"
-            elif left + value[STALE] > 0:
+            elif -left < value[SWR]:
                 label = f"fwd=stale; ttl={int(left)}"  # the core is refreshing it meanwhile
             else:
-                await self._forward(req, receive, send, "fwd=stale", key, primary)
+                # Kept for stale-if-error only: ask the app, and fall back to it on errors.
+                fallback = value if -left < value[SIE] else None
+                await self._forward(req, receive, send, "fwd=stale", key, primary, fallback)
                 return
             start, body = answer(value, req, now, self.status_field(label))
             await send(start)
@@ -263,16 +276,23 @@ class CacheMiddleware:
         """The stored value, or the coalesced load of it. ``led`` means this request ran the
         load and its response has already been sent by the app."""
         exchange: Exchange | None = None
+        waiting = True
 
         def lead() -> Awaitable[Loaded[Any]]:
-            # Only misses get here, so only they pay for an exchange.
+            # Only misses and refreshes get here, so only they pay for an exchange.
             nonlocal exchange
+            if not waiting:
+                # The core refreshes in the background (stale-while-revalidate, early
+                # refresh) after this request was answered: its client must never hear it.
+                return Exchange(self, req, key, primary, idle_receive(), discard, "").refresh()
             label = "fwd=uri-miss" if primary is None else "fwd=vary-miss"
             exchange = Exchange(self, req, key, primary, receive, send, label)
             return exchange.lead()
 
         try:
-            value = await self.cache.aget_or_load(key, lead)
+            # The call allows any staleness: each entry's own grace (the response's
+            # stale-while-revalidate / stale-if-error) is what bounds it.
+            value = await self.cache.aget_or_load(key, lead, stale_ttl=_ANY_GRACE)
         except asyncio.CancelledError:
             if exchange is not None:
                 exchange.abandon()
@@ -282,6 +302,8 @@ class CacheMiddleware:
                 log.warning("cachelayer: load of %r failed; asking the app", key, exc_info=True)
                 return PASS_VALUE, False
             value = None  # the response went out; only storing it failed
+        finally:
+            waiting = False
         if exchange is None or exchange.task is None:
             return value, False
         try:
@@ -299,6 +321,7 @@ class CacheMiddleware:
         label: str,
         key: str | None = None,
         primary: list[Any] | None = None,
+        fallback: list[Any] | None = None,
         *,
         store: bool = True,
     ) -> None:
@@ -309,6 +332,7 @@ class CacheMiddleware:
             return
         key = req.key if key is None else key
         exchange = Exchange(self, req, key, primary, receive, send, label)
+        exchange.fallback = fallback
         await exchange.run()
         loaded = exchange.outcome
         if loaded is not None and loaded.store and loaded.value[0] == REC:
