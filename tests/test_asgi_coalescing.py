@@ -12,7 +12,7 @@ import pytest
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from test_asgi_helpers import Origin, run
+from test_asgi_helpers import Origin, call_raw, run
 
 from cachelayer import Cache
 from cachelayer.testing import FakeClock
@@ -204,6 +204,44 @@ def test_stale_while_revalidate_serves_the_stale_page_while_refreshing() -> None
                     break
                 await asyncio.sleep(0.01)
             assert (await c.get("/")).text == "v2" and version == 2
+
+    run(scenario())
+
+
+def test_a_background_refresh_never_sends_to_the_request_that_triggered_it() -> None:
+    version = 0
+
+    async def page(request: Request) -> Response:
+        nonlocal version
+        version += 1
+        return Response(
+            f"v{version}", headers={"Cache-Control": "max-age=10, stale-while-revalidate=30"}
+        )
+
+    clock = FakeClock()
+    origin = Origin({"/": page}, cache=Cache(None, jitter=0.0, clock=clock))
+
+    async def scenario() -> None:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/", "raw_path": b"/",
+                 "scheme": "http", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"shop.test")]}  # fmt: skip
+        await call_raw(origin.app, "/")
+        clock.advance(15)
+        await origin.app(dict(scope), receive, send)
+        assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+        for _ in range(200):
+            if (await call_raw(origin.app, "/"))[2] == b"v2":
+                break
+            await asyncio.sleep(0.01)
+        assert version == 2 and len(sent) == 2 and sent[1]["body"] == b"v1"
 
     run(scenario())
 

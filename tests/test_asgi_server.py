@@ -20,7 +20,7 @@ from starlette.responses import Response
 from test_asgi_helpers import Origin, run
 
 from cachelayer import Cache
-from cachelayer.testing import free_port
+from cachelayer.testing import FakeClock, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,3 +105,37 @@ def test_asgi_example_runs_with_redis(redis_url: str) -> None:
     out = run_example(redis_url)
     assert "L1 + Redis" in out
     assert re.search(r"database queries issued:\s+2$", out, re.M)
+
+
+def test_background_refresh_never_writes_to_a_keep_alive_connection() -> None:
+    """A stale-while-revalidate refresh runs after its request was answered; over a real
+    keep-alive connection a stray second response would break every later exchange."""
+    version = 0
+
+    async def page(request: Request) -> Response:
+        nonlocal version
+        version += 1
+        await asyncio.sleep(0.02)
+        cc = "max-age=10, stale-while-revalidate=30"
+        return Response(f"v{version}", headers={"Cache-Control": cc})
+
+    clock = FakeClock()
+    origin = Origin({"/": page}, cache=Cache(None, jitter=0.0, clock=clock))
+
+    async def scenario() -> None:
+        async with serving(origin.app) as base:
+            limits = httpx.Limits(max_connections=1)
+            async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as c:
+                assert (await c.get("/")).text == "v1"
+                clock.advance(15)
+                stale = await c.get("/")
+                assert stale.text == "v1" and "fwd=stale" in stale.headers["cache-status"]
+                texts = [(await c.get("/")).text for _ in range(30)]
+                for _ in range(100):
+                    if texts[-1] == "v2":
+                        break
+                    await asyncio.sleep(0.01)
+                    texts.append((await c.get("/")).text)
+                assert set(texts) <= {"v1", "v2"} and texts[-1] == "v2" and version == 2
+
+    run(scenario())
