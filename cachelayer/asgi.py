@@ -54,6 +54,7 @@ from ._http_record import (
 )
 from ._http_request import Request, classify, invalidation_keys
 from ._http_settings import DEFAULT_STATUSES, Rule, Settings
+from .exceptions import LoadTimeoutError, OriginOverloadedError
 
 __all__ = ["DEFAULT_STATUSES", "CacheMiddleware", "Rule"]
 
@@ -273,8 +274,8 @@ class CacheMiddleware:
     async def _load(
         self, key: str, req: Request, primary: list[Any] | None, receive: Receive, send: Send
     ) -> tuple[Any, bool]:
-        """The stored value, or the coalesced load of it. ``led`` means this request ran the
-        load and its response has already been sent by the app."""
+        """The stored value, or the coalesced load of it. ``done`` means this request has been
+        answered already: it ran the load (the app answered it) or the origin is shedding."""
         exchange: Exchange | None = None
         waiting = True
 
@@ -297,6 +298,13 @@ class CacheMiddleware:
             if exchange is not None:
                 exchange.abandon()
             raise
+        except (OriginOverloadedError, LoadTimeoutError) as exc:
+            if exchange is None or exchange.task is None:
+                # The core is shedding load or gave up waiting for it: asking the app anyway
+                # would pile onto the very origin it protects.
+                await self._unavailable(send, exc)
+                return None, True
+            value = None
         except Exception:
             if exchange is None or exchange.task is None:
                 log.warning("cachelayer: load of %r failed; asking the app", key, exc_info=True)
@@ -312,6 +320,17 @@ class CacheMiddleware:
             exchange.abandon()
             raise
         return value, True
+
+    async def _unavailable(self, send: Send, exc: Exception) -> None:
+        overloaded = isinstance(exc, OriginOverloadedError)
+        status = 503 if overloaded else 504
+        detail = "overloaded" if overloaded else "timeout"
+        headers = [(b"retry-after", b"1"), (b"content-length", b"0")]
+        status_field = self.status_field(f"fwd=miss; detail={detail}")
+        if status_field is not None:
+            headers.append((b"cache-status", status_field))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _forward(
         self,

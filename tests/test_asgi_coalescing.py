@@ -173,6 +173,25 @@ def test_a_failing_app_fails_its_own_request_and_waiters_ask_again() -> None:
     run(scenario())
 
 
+def test_when_the_core_sheds_load_the_app_is_not_asked_anyway() -> None:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(0.3)
+        return Response("page", headers={"Cache-Control": "max-age=60"})
+
+    cache = Cache(None, jitter=0.0, origin_limit=1, origin_wait=0.05)
+    origin = Origin({"/p/{n}": slow}, cache=cache)
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            responses = await asyncio.gather(*[c.get(f"/p/{n}") for n in range(5)])
+        shed = [r for r in responses if r.status_code == 503]
+        assert shed and all(r.headers["retry-after"] == "1" for r in shed)
+        assert "detail=overloaded" in shed[0].headers["cache-status"]
+        assert origin.n("/p/{n}") == 5 - len(shed)
+
+    run(scenario())
+
+
 # --- waiting on the core ----------------------------------------------------------------------
 
 NEEDS_CORE = "needs tag invalidation in the core"
