@@ -174,7 +174,7 @@ def test_table_puts_both_runs_side_by_side_with_the_targets() -> None:
     header = next(line for line in text.splitlines() if "no cache" in line and "cachelayer" in line)
     assert header.split() == ["no", "cache", "cachelayer"]
     assert "latency p99 (ms)" in text and "900.0" in text and "2.0" in text
-    assert "DB queries saved" in text and "(75%)" in text
+    assert "DB queries avoided" in text and "(75%)" in text
     assert "[NOT MET] cachelayer: zero errors" in text
     assert "[met    ] cachelayer: p99 <= 1/10" in text
     assert "open loop" in text

@@ -95,9 +95,12 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"{'':{width}}{'no cache':>14}{'cachelayer':>14}")
     for label, cell in ROWS:
         lines.append(f"{label:{width}}{cell(nocache):>14}{cell(cached):>14}")
-    saved = nocache["db_queries"] - cached["db_queries"]
-    share = saved / nocache["db_queries"] if nocache["db_queries"] else 0.0
-    lines.append(f"{'DB queries saved':{width}}{'':>14}{f'{saved:,} ({share:.0%})':>14}")
+    # Without a cache every request needs one query; the no-cache run's own count is lower
+    # only because requests that timed out waiting for a connection never sent theirs.
+    saved = cached["requests"] - cached["db_queries"]
+    share = saved / cached["requests"] if cached["requests"] else 0.0
+    label = "DB queries avoided (vs 1 per request)"
+    lines.append(f"{label}{f'{saved:,} ({share:.0%})':>{width + 28 - len(label)}}")
     lines.append(
         f"distinct keys per TTL window (summed): {result['distinct_keys_per_ttl_window']:,}"
     )
