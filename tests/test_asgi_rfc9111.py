@@ -468,3 +468,76 @@ def test_entries_are_shared_through_redis_across_processes(redis_url: str) -> No
             await cache.aclose()
 
     run(scenario())
+
+
+def test_file_responses_are_served_unharmed_and_small_ones_stored(tmp_path: Any) -> None:
+    from starlette.responses import FileResponse
+
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"s" * 1000)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 4096)  # 1 MiB, over a 100 KB cap
+
+    async def serve(request: Request) -> Response:
+        path = small if request.path_params["name"] == "small" else big
+        return FileResponse(path, headers={"Cache-Control": "max-age=60"})
+
+    origin = Origin({"/files/{name}": serve}, max_body_size=100_000)
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            for _ in range(2):
+                assert (await c.get("/files/small")).content == small.read_bytes()
+                assert (await c.get("/files/big")).content == big.read_bytes()
+        assert origin.n("/files/{name}") == 3  # small once, big twice
+
+    run(scenario())
+
+
+def test_a_hit_for_miss_marker_is_replaced_once_the_url_becomes_cacheable() -> None:
+    cacheable = False
+
+    async def page(request: Request) -> Response:
+        cc = "max-age=60" if cacheable else "no-store"
+        return Response("x", headers={"Cache-Control": cc})
+
+    origin = Origin({"/": page})
+
+    async def scenario() -> None:
+        nonlocal cacheable
+        async with origin.client() as c:
+            await c.get("/")
+            cacheable = True
+            r = await c.get("/")
+            assert (
+                r.headers["cache-status"] == "cachelayer; fwd=uri-miss; detail=hit-for-miss; stored"
+            )
+            assert (await c.get("/")).headers["cache-status"].startswith("cachelayer; hit")
+        assert origin.n("/") == 2
+
+    run(scenario())
+
+
+def test_bad_configuration_is_refused() -> None:
+    from cachelayer import ConfigurationError
+
+    for kwargs in (
+        {"default_ttl": -1},
+        {"statuses": [200, 206]},
+        {"max_body_size": 0},
+        {"private_key": "sid"},
+        {"rules": ["/x"]},
+    ):
+        with pytest.raises(ConfigurationError):
+            CacheMiddleware(lambda *a: None, cache=Cache(None), **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        Rule("no-slash")
+
+
+def test_the_middleware_module_needs_no_starlette() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['starlette'] = None; import cachelayer.asgi; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
