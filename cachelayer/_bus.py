@@ -31,7 +31,8 @@ Handler = Callable[[str, str, Any], None]
 
 
 class Bus:
-    def __init__(self, client_factory: Callable[[], Any], channel: str) -> None:
+    def __init__(self, client_factory: Callable[[], Any], channel: str, enabled: bool) -> None:
+        self.enabled = enabled  # a cache without Redis has nothing to listen to
         self.channel = channel
         self.sender = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.ready = threading.Event()
@@ -46,7 +47,7 @@ class Bus:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and self.enabled:
             with self._lock:
                 if self._thread is None:
                     self._thread = threading.Thread(
@@ -72,9 +73,9 @@ class Bus:
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
-                        self.ready.set()
                         delay = 0.05
-                        self._emit("subscribed", "", None)
+                        self._emit("subscribed", "", None)  # handlers first: then "ready"
+                        self.ready.set()
                     elif message["type"] == "message":
                         self._dispatch(message["data"])
             except Exception as exc:  # redis-py raises more than RedisError when a socket dies

@@ -20,14 +20,17 @@ from typing import Any, TypeVar
 from ._bus import Bus
 from ._codec import CorruptEntryError, Entry, encode_value, pack_entry, unpack_entry
 from ._flight import Flights
+from ._flow import drive_async, drive_sync, lookup
 from ._guard import OriginGuard
+from ._invalidate import Batch, Invalidator
 from ._keys import RedisKeys, validate_namespace
 from ._l1 import L1
 from ._options import Loaded, Options, check_key
 from ._policy import bound_for_l1, check_jitter, check_seconds, new_entry, redis_px
 from ._read import ReadPath
-from ._redis import FAILED, AsyncTier, BackendHealth, Clients, SyncTier
+from ._redis import AsyncTier, BackendHealth, Clients, SyncTier
 from ._stats import Stats
+from ._tags import TagVersions
 from .exceptions import ConfigurationError, SerializationError
 
 log = logging.getLogger("cachelayer")
@@ -37,7 +40,7 @@ T = TypeVar("T")
 __all__ = ["Cache", "Loaded"]
 
 
-class Cache(ReadPath):
+class Cache(ReadPath, Invalidator):
     """A read-through cache: in-process L1 in front of an optional Redis L2.
 
     Storage:
@@ -46,6 +49,10 @@ class Cache(ReadPath):
         namespace: prefix of every Redis key; caches sharing a namespace share entries.
         l1_maxsize: entries kept in process; 0 disables L1.
         l1_ttl: cap, in seconds, on how long this process trusts its own copy of an entry.
+        degraded_l1_ttl: while this process cannot hear invalidations (Redis unreachable,
+            subscription lost or not yet made), L1 drops what it had and keeps new entries
+            at most this many seconds; 0 bypasses L1 entirely (every read then goes to Redis,
+            or to the loader if Redis is down).
         l1_copy: if True, L1 keeps encoded bytes and every caller gets its own decoded copy,
             so mutating a returned value can never affect another caller. If False (default,
             and much faster), callers in one process share the object L1 holds: treat
@@ -98,6 +105,7 @@ class Cache(ReadPath):
         l1_maxsize: int = 10_000,
         l1_ttl: float | None = None,
         l1_copy: bool = False,
+        degraded_l1_ttl: float = 1.0,
         cache_none: bool = True,
         lease: bool = True,
         lease_ttl: float = 10.0,
@@ -169,8 +177,15 @@ class Cache(ReadPath):
         self._async_tier = (
             AsyncTier(self._clients, self._health, self._rkeys) if self._has_l2 else None
         )
-        self._bus = Bus(self._clients.listener_client, self._rkeys.channel)
+        self._bus = Bus(self._clients.listener_client, self._rkeys.channel, self._has_l2)
+        self._bus.handlers.append(self._on_message)
         self._flights = Flights()
+        self._tag_versions = TagVersions(authoritative=not self._has_l2)
+        self._callbacks = []
+        self._pending = {}
+        # With Redis, L1 is trusted only while this process hears invalidations.
+        self._l1.trusted = not self._has_l2
+        self._l1.degraded_ttl = check_seconds("degraded_l1_ttl", degraded_l1_ttl, allow_zero=True)
 
     def __repr__(self) -> str:
         tiers = "L1+Redis" if self._has_l2 else "L1"
@@ -202,15 +217,12 @@ class Cache(ReadPath):
     def _token(self) -> str:
         return secrets.token_hex(8)
 
-    def _accept_l2(
-        self, key: str, data: bytes | None, now: float, refresh_of: Entry | None
-    ) -> Entry | None:
-        """Decode bytes read from Redis: an entry still usable (fresh or within its grace),
-        and newer than ``refresh_of`` if given, is kept in L1 and returned."""
+    def _decode_l2(self, key: str, data: bytes | None) -> Entry | None:
+        """Bytes read from Redis as an entry; corrupt or foreign bytes are a (logged) miss."""
         if data is None:
             return None
         try:
-            entry = unpack_entry(data)
+            return unpack_entry(data)
         except CorruptEntryError as exc:
             self._stats.corrupt_entries += 1
             log.warning("cachelayer: treating undecodable bytes under %r as a miss: %s", key, exc)
@@ -219,6 +231,10 @@ class Cache(ReadPath):
                     f"corrupt entry under key {key!r}: {exc}", key=key
                 ) from exc
             return None
+
+    def _admit(self, key: str, entry: Entry, now: float, refresh_of: Entry | None) -> Entry | None:
+        """An entry from Redis still usable (fresh or within its grace, and newer than
+        ``refresh_of`` if given) is kept in L1 and returned."""
         if now >= entry.stale_until:
             return None
         if refresh_of is not None and entry.stored_at <= refresh_of.stored_at:
@@ -267,7 +283,10 @@ class Cache(ReadPath):
             entry.value = None
         else:
             entry.payload = None
-        self._l1.put(key, entry)
+        self._l1.put(key, entry, self._tags_hold)
+
+    def _tags_hold(self, entry: Entry) -> bool:
+        return self._tag_versions.current(entry.tags, entry.tag_versions)
 
     def _stored(
         self, key: str, value: Any, ttl: Any, stale_ttl: Any, tags: Any
@@ -277,12 +296,6 @@ class Cache(ReadPath):
         entry = self._new_entry(value, encode_value(value, key), self._clock(), 0.0, opts)
         return entry, pack_entry(entry), redis_px(entry, entry.stored_at)
 
-    def _forget_local(self, keys: tuple[str, ...]) -> None:
-        for key in keys:
-            self._l1.discard(check_key(key))
-            self._flights.invalidate(key)  # a load already running must not refill L1
-            self._throttle.pop(key, None)
-
     def _fresh_l1(self, key: str) -> Entry | None:
         entry = self._l1.data.get(check_key(key))
         if entry is not None and self._clock() < entry.l1_limit:
@@ -291,12 +304,49 @@ class Cache(ReadPath):
             return entry
         return None
 
-    def _fresh_l2(self, key: str, got: Any) -> Entry | None:
-        if got is FAILED:
-            return None
+    def _invalidate_sync(
+        self,
+        keys: list[str],
+        expired: list[str],
+        tags: list[str],
+        *,
+        batched: bool = True,
+        written: list[tuple[str, bytes, int]] | None = None,
+    ) -> None:
+        if batched and self._batched(keys, expired, tags):
+            return
         now = self._clock()
-        entry = self._accept_l2(key, got[0], now, None)
-        return entry if entry is not None and now < entry.fresh_until else None
+        overwritten = [k for k, _, _ in written or ()]
+        self._apply_local(keys + overwritten, expired, tags, now, self._bus.sender, True)
+        if self._sync_tier is not None:
+            self._bus.start()
+            change = self._change(keys, expired, tags, written or [])
+            self._sent(change, self._sync_tier.apply(change))
+
+    async def _invalidate_async(
+        self,
+        keys: list[str],
+        expired: list[str],
+        tags: list[str],
+        *,
+        batched: bool = True,
+        written: list[tuple[str, bytes, int]] | None = None,
+    ) -> None:
+        if batched and self._batched(keys, expired, tags):
+            return
+        now = self._clock()
+        overwritten = [k for k, _, _ in written or ()]
+        self._apply_local(keys + overwritten, expired, tags, now, self._bus.sender, True)
+        if self._async_tier is not None:
+            self._bus.start()
+            change = self._change(keys, expired, tags, written or [])
+            self._sent(change, await self._async_tier.apply(change))
+
+    def _flush_pending(self) -> None:
+        """Send queued invalidations from the listener thread once Redis is back."""
+        if self._pending and self._sync_tier is not None:
+            change = self._change([], [], [], [])
+            self._sent(change, self._sync_tier.apply_with(self._clients.listener_client(), change))
 
     # --- sync API ---------------------------------------------------------------------------
 
@@ -304,7 +354,8 @@ class Cache(ReadPath):
         """The fresh value under ``key`` from L1 or Redis, else ``default``."""
         entry = self._fresh_l1(key)
         if entry is None and self._sync_tier is not None:
-            entry = self._fresh_l2(key, self._sync_tier.read(key))
+            self._bus.start()
+            entry = drive_sync(lookup(self, key), self, None)
         if entry is None:
             self._stats.misses += 1
             return default
@@ -321,20 +372,47 @@ class Cache(ReadPath):
     ) -> None:
         """Store ``value`` in both tiers; raises ``SerializationError`` if it cannot be.
 
-        A load of ``key`` already running (here or in another process) will not overwrite
-        it: the write moves the key's fence.
+        Other processes drop their L1 copy, and a load of ``key`` already running (here or
+        elsewhere) will not overwrite the new value: the write moves the key's fence.
         """
         entry, data, px = self._stored(check_key(key), value, ttl, stale_ttl, tags)
-        self._forget_local((key,))
-        if self._sync_tier is not None:
-            self._sync_tier.write(key, data, px)
+        if entry.tags:
+            entry.tag_versions = self._tag_versions.known(entry.tags) or ()
+        self._invalidate_sync([], [], [], batched=False, written=[(key, data, px)])
         self._keep(key, entry)
 
     def delete(self, *keys: str) -> None:
-        """Remove entries from L1 and Redis; loads of them already running are fenced off."""
-        self._forget_local(keys)
-        if self._sync_tier is not None and keys:
-            self._sync_tier.delete(list(keys))
+        """Remove entries from L1 and Redis, in every process; loads of them already running
+        are fenced off."""
+        self.invalidate(keys=keys)
+
+    def expire(self, *keys: str) -> None:
+        """Mark entries stale, in every process, rather than remove them.
+
+        Unlike ``delete``, an expired entry can still be served within its grace: while a
+        refresh runs (stale-while-revalidate), or when the loader fails (fail-safe).
+        """
+        self.invalidate(expire=keys)
+
+    def invalidate_tags(self, *tags: str) -> None:
+        """Stop serving every entry carrying any of ``tags``, in every process: one version
+        bump per tag in Redis, however many entries carry it."""
+        self.invalidate(tags=tags)
+
+    def invalidate(
+        self, *, keys: Iterable[str] = (), tags: Iterable[str] = (), expire: Iterable[str] = ()
+    ) -> None:
+        """Delete ``keys``, expire ``expire`` and invalidate ``tags`` in one round trip.
+
+        L1 here is invalidated at once. If Redis cannot be reached the failure is logged and
+        counted (raised in strict mode) and the invalidation is retried when it returns.
+        """
+        self._invalidate_sync(*self._parts(keys, expire, tags))
+
+    def invalidation_batch(self) -> Batch:
+        """``with cache.invalidation_batch():`` (or ``async with``) sends every invalidation
+        made inside in one round trip when the block exits, and none if it raises."""
+        return Batch(self)
 
     def get_or_load(
         self,
@@ -361,14 +439,8 @@ class Cache(ReadPath):
             soft_timeout=soft_timeout,
             hard_timeout=hard_timeout,
         )
+        self._bus.start()
         return self._load_sync(check_key(key), loader, opts)  # type: ignore[no-any-return]
-
-    def invalidate_tags(self, *tags: str) -> None:
-        """Not available yet: entries carry their tags, but tag invalidation is not built."""
-        raise NotImplementedError(
-            "tag invalidation is not implemented in this version of cachelayer; "
-            "entries record their tags, but only delete(*keys) removes entries for now"
-        )
 
     def close(self) -> None:
         """Stop the listener and close the Redis clients this cache created (never ones it
@@ -387,7 +459,8 @@ class Cache(ReadPath):
     async def aget(self, key: str, default: Any = None) -> Any:
         entry = self._fresh_l1(key)
         if entry is None and self._async_tier is not None:
-            entry = self._fresh_l2(key, await self._async_tier.read(key))
+            self._bus.start()
+            entry = await drive_async(lookup(self, key), self, None)
         if entry is None:
             self._stats.misses += 1
             return default
@@ -403,15 +476,24 @@ class Cache(ReadPath):
         tags: Iterable[str] = (),
     ) -> None:
         entry, data, px = self._stored(check_key(key), value, ttl, stale_ttl, tags)
-        self._forget_local((key,))
-        if self._async_tier is not None:
-            await self._async_tier.write(key, data, px)
+        if entry.tags:
+            entry.tag_versions = self._tag_versions.known(entry.tags) or ()
+        await self._invalidate_async([], [], [], batched=False, written=[(key, data, px)])
         self._keep(key, entry)
 
     async def adelete(self, *keys: str) -> None:
-        self._forget_local(keys)
-        if self._async_tier is not None and keys:
-            await self._async_tier.delete(list(keys))
+        await self.ainvalidate(keys=keys)
+
+    async def aexpire(self, *keys: str) -> None:
+        await self.ainvalidate(expire=keys)
+
+    async def ainvalidate_tags(self, *tags: str) -> None:
+        await self.ainvalidate(tags=tags)
+
+    async def ainvalidate(
+        self, *, keys: Iterable[str] = (), tags: Iterable[str] = (), expire: Iterable[str] = ()
+    ) -> None:
+        await self._invalidate_async(*self._parts(keys, expire, tags))
 
     async def aget_or_load(
         self,
@@ -435,10 +517,8 @@ class Cache(ReadPath):
             soft_timeout=soft_timeout,
             hard_timeout=hard_timeout,
         )
+        self._bus.start()
         return await self._load_async(check_key(key), loader, opts)  # type: ignore[no-any-return]
-
-    async def ainvalidate_tags(self, *tags: str) -> None:
-        self.invalidate_tags(*tags)
 
     async def aclose(self) -> None:
         self._bus.close()
@@ -482,6 +562,15 @@ class Cache(ReadPath):
             hard_timeout=hard_timeout,
         )
         return cached(self, opts, key)
+
+    def invalidates(
+        self, *, keys: Iterable[str] = (), tags: Iterable[str] = (), expire: Iterable[str] = ()
+    ) -> Callable[[Callable[..., Any]], Any]:
+        """Invalidate ``keys``/``tags``/``expire`` (templates over the decorated function's
+        arguments) after each call of it that returns without raising."""
+        from ._decorators import invalidates
+
+        return invalidates(self, keys, tags, expire)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of this process's counters and the state of its tiers and guard."""

@@ -2,7 +2,11 @@
 
 An entry travels as one msgpack array, the *envelope*::
 
-    [format_version, stored_at, fresh_until, stale_until, load_time, [tags...], payload]
+    [format_version, stored_at, fresh_until, stale_until, load_time, [tags...], payload,
+     [tag versions...]]
+
+Each tag's version is the one read when the load began; the entry stands only while every
+tag still has that version (tag invalidation bumps versions, it never scans entries).
 
 ``payload`` is the value packed on its own (a msgpack ``bin``), so the in-process tier can keep
 those bytes and hand every caller a fresh copy when asked to, and a corrupt value is told apart
@@ -56,6 +60,7 @@ class Entry:
         "payload",
         "stale_until",
         "stored_at",
+        "tag_versions",
         "tags",
         "value",
         "visited",
@@ -70,6 +75,7 @@ class Entry:
         stale_until: float,
         load_time: float,
         tags: tuple[str, ...],
+        tag_versions: tuple[int, ...] = (),
     ) -> None:
         self.value = value
         self.payload = payload
@@ -78,6 +84,7 @@ class Entry:
         self.stale_until = stale_until
         self.load_time = load_time
         self.tags = tags
+        self.tag_versions = tag_versions
         self.l1_fresh = self.l1_limit = fresh_until
         self.l1_expires = stale_until
         self.visited = False
@@ -207,7 +214,7 @@ def decode_value(payload: bytes) -> Any:
 def pack_entry(entry: Entry) -> bytes:
     assert entry.payload is not None
     header = [FORMAT_VERSION, entry.stored_at, entry.fresh_until, entry.stale_until]
-    body = [entry.load_time, list(entry.tags), entry.payload]
+    body = [entry.load_time, list(entry.tags), entry.payload, list(entry.tag_versions)]
     return msgpack.packb(header + body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
@@ -217,9 +224,9 @@ def unpack_entry(data: bytes) -> Entry:
         obj = msgpack.unpackb(data, raw=False)
     except Exception as exc:
         raise CorruptEntryError(f"not a msgpack envelope: {exc!r}") from exc
-    if type(obj) is not list or len(obj) != 7 or obj[0] != FORMAT_VERSION:
+    if type(obj) is not list or len(obj) != 8 or obj[0] != FORMAT_VERSION:
         raise CorruptEntryError("not an envelope of this format version")
-    _, stored_at, fresh_until, stale_until, load_time, tags, payload = obj
+    _, stored_at, fresh_until, stale_until, load_time, tags, payload, versions = obj
     for t in (stored_at, fresh_until, stale_until, load_time):
         if type(t) is not float and type(t) is not int:
             raise CorruptEntryError("envelope times are not numbers")
@@ -227,5 +234,11 @@ def unpack_entry(data: bytes) -> Entry:
         raise CorruptEntryError("envelope payload or tags malformed")
     if not all(type(t) is str for t in tags):
         raise CorruptEntryError("envelope tags are not strings")
+    if type(versions) is not list or len(versions) != len(tags):
+        raise CorruptEntryError("envelope tag versions malformed")
+    if not all(type(v) is int for v in versions):
+        raise CorruptEntryError("envelope tag versions are not integers")
     value = decode_value(payload)
-    return Entry(value, payload, stored_at, fresh_until, stale_until, load_time, tuple(tags))
+    return Entry(
+        value, payload, stored_at, fresh_until, stale_until, load_time, tuple(tags), tuple(versions)
+    )

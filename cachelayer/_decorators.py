@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._codec import decode_value
@@ -62,6 +62,7 @@ def cached(
                 f"{fn.__qualname__} is {kind} but the cache's Redis client is not; "
                 "give the Cache a URL (it then makes both kinds of client) or a matching client"
             )
+        options_for = _per_call(fn, opts, "tags", opts.tags)
         data = cache._l1.data
         clock = cache._clock
         stats = cache._stats
@@ -84,7 +85,8 @@ def cached(
                     entry.visited = True
                     stats.l1_hits += 1
                     return entry.value if shared else decode_value(entry.payload)  # type: ignore[arg-type]
-                return await load_async(k, functools.partial(fn, *args, **kwargs), opts)
+                call = functools.partial(fn, *args, **kwargs)
+                return await load_async(k, call, options_for(args, kwargs))
 
         else:
 
@@ -100,7 +102,9 @@ def cached(
                     entry.visited = True
                     stats.l1_hits += 1
                     return entry.value if shared else decode_value(entry.payload)  # type: ignore[arg-type]
-                return load_sync(k, functools.partial(fn, *args, **kwargs), opts)
+                return load_sync(
+                    k, functools.partial(fn, *args, **kwargs), options_for(args, kwargs)
+                )
 
         functools.update_wrapper(wrapper, fn)
 
@@ -118,5 +122,73 @@ def cached(
         wrapper.ainvalidate = ainvalidate
         wrapper.cache = cache
         return wrapper
+
+    return decorate
+
+
+def _templates(fn: Callable[..., Any], what: str, templates: Any) -> list[Any]:
+    """Compile each entry of ``templates``: a str with fields is filled from the call's
+    arguments; anything else is used as it is."""
+    if isinstance(templates, str):
+        raise ConfigurationError(f"{what} must be a sequence of strings, not a str: {templates!r}")
+    out: list[Any] = []
+    for t in templates:
+        if not isinstance(t, str):
+            raise ConfigurationError(f"every one of {what} must be a string, got {t!r}")
+        out.append(key_builder(fn, t).make if "{" in t else t)
+    return out
+
+
+def _fill(parts: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    return [p if isinstance(p, str) else p(args, kwargs) for p in parts]
+
+
+def _per_call(
+    fn: Callable[..., Any], opts: Options, what: str, templates: tuple[str, ...]
+) -> Callable[[tuple[Any, ...], dict[str, Any]], Options]:
+    """Options for one call: the decorator's, with templated tags filled in (miss path
+    only, and only when a tag is a template)."""
+    parts = _templates(fn, what, templates)
+    if all(isinstance(p, str) for p in parts):
+        return lambda args, kwargs: opts
+    return lambda args, kwargs: opts.merged(tags=_fill(parts, args, kwargs))
+
+
+def invalidates(
+    cache: Cache, keys: Iterable[str] = (), tags: Iterable[str] = (), expire: Iterable[str] = ()
+) -> Callable[[Callable[..., Any]], Any]:
+    """Decorate a function that writes: once it returns without raising, ``keys`` are
+    deleted, ``expire`` marked stale and ``tags`` invalidated, each a template filled from
+    the call's arguments (``"product:{product_id}"``). If it raises, nothing is invalidated.
+    Inside ``cache.invalidation_batch()`` the invalidations join the batch."""
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        key_parts = _templates(fn, "keys", tuple(keys))
+        tag_parts = _templates(fn, "tags", tuple(tags))
+        expire_parts = _templates(fn, "expire", tuple(expire))
+
+        def targets(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, list[str]]:
+            return {
+                "keys": _fill(key_parts, args, kwargs),
+                "tags": _fill(tag_parts, args, kwargs),
+                "expire": _fill(expire_parts, args, kwargs),
+            }
+
+        wrapper: Any
+        if inspect.iscoroutinefunction(fn):
+
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                result = await fn(*args, **kwargs)
+                await cache.ainvalidate(**targets(args, kwargs))
+                return result
+
+        else:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                result = fn(*args, **kwargs)
+                cache.invalidate(**targets(args, kwargs))
+                return result
+
+        return functools.update_wrapper(wrapper, fn)
 
     return decorate

@@ -4,7 +4,8 @@
 sent their results; an error from an operation is thrown into it, so fail-safe lives here
 once for both worlds:
 
-    (GET, key)                        -> (envelope bytes | None, fence) | FAILED
+    (GET, key)                        -> (envelope | None, fence, expired-at | None) | FAILED
+    (TAGS, tags)                      -> [current version of each tag] | FAILED
     (ACQUIRE, key, token)             -> (taken, ms left on the holder's lease, waiter) | FAILED
     (WAIT, key, waiter, seconds)      -> "woken" | "poll" | "expired"
     (FILL, key, data, px, token, fence, write) -> 1 written | 0 refused | FAILED
@@ -27,7 +28,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._codec import Entry, pack_entry
 from ._policy import redis_px
@@ -39,10 +40,11 @@ if TYPE_CHECKING:
     from ._flight import Flight
     from ._options import Options
 
-GET, ACQUIRE, WAIT, FILL, SLOT, LOAD = range(6)
+GET, ACQUIRE, WAIT, FILL, SLOT, LOAD, TAGS = range(7)
 _POLL = 0.05  # seconds between looks at Redis while the pub/sub subscription is down
 
 Op = tuple[Any, ...]
+R = TypeVar("R")
 Result = tuple[Entry, "str | None"]
 Flow = Generator[Op, Any, Result]
 
@@ -51,6 +53,45 @@ def _newer(a: Entry | None, b: Entry | None) -> Entry | None:
     if a is None:
         return b
     return a if b is None or a.stored_at >= b.stored_at else b
+
+
+def tag_snapshot(cache: Cache, tags: tuple[str, ...]) -> Generator[Op, Any, tuple[int, ...] | None]:
+    """The current versions of ``tags``: known here, or asked of Redis (None if it fails)."""
+    versions = cache._tag_versions
+    known = versions.known(tags)
+    if known is not None or not tags:
+        return known or ()
+    generation = versions.generation
+    got = yield (TAGS, tags)
+    if got is FAILED:
+        return None
+    versions.learn(tags, got, generation)
+    return tuple(got)
+
+
+def from_l2(
+    cache: Cache, key: str, got: Any, refresh_of: Entry | None
+) -> Generator[Op, Any, Entry | None]:
+    """An entry read from Redis that still stands: decodable, its tags' versions unchanged,
+    not expired before it was written, within its grace (and newer than ``refresh_of``)."""
+    data, _, expired_at = got
+    entry = cache._decode_l2(key, data)
+    if entry is None:
+        return None
+    if entry.tags and (yield from tag_snapshot(cache, entry.tags)) != entry.tag_versions:
+        return None  # a tag it carries was invalidated after it was loaded
+    if expired_at is not None and entry.stored_at <= expired_at:
+        entry.fresh_until = min(entry.fresh_until, expired_at)
+    return cache._admit(key, entry, cache._clock(), refresh_of)
+
+
+def lookup(cache: Cache, key: str) -> Generator[Op, Any, Entry | None]:
+    """``get``: a fresh entry from L1 or Redis, never a load."""
+    got = yield (GET, key)
+    if got is FAILED:
+        return None
+    entry = yield from from_l2(cache, key, got, None)
+    return entry if entry is not None and cache._clock() < entry.fresh_until else None
 
 
 def _release(flight: Flight, key: str, token: str, fence: str) -> Generator[Op, Any, None]:
@@ -78,8 +119,8 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
         if got is FAILED:
             use_redis = False
         else:
-            data, fence = got
-            found = cache._accept_l2(key, data, now, refresh_of)
+            fence = got[1]
+            found = yield from from_l2(cache, key, got, refresh_of)
             if found is not None and now < found.fresh_until:
                 return found, None
             stale = _newer(stale, found)
@@ -107,8 +148,8 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             if got is FAILED:
                 use_redis, token = False, ""
                 break
-            data, fence = got
-            found = cache._accept_l2(key, data, cache._clock(), None)
+            fence = got[1]
+            found = yield from from_l2(cache, key, got, None)
             if found is not None and cache._clock() < found.fresh_until:
                 cache._stats.fleet_coalesced += 1
                 return found, "fleet"
@@ -131,6 +172,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             f"({cache._guard.limit} loads already running)"
         )
     cache._stats.loads += 1
+    versions = yield from tag_snapshot(cache, opts.tags)  # as of before the load
     try:
         try:
             value, load_time = yield (LOAD,)
@@ -147,6 +189,11 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
     cache._guard.record(False)
 
     entry = cache._prepare(key, value, load_time, opts)
+    if entry.tags != opts.tags:  # the loader chose its tags (Loaded): versions as of now
+        versions = yield from tag_snapshot(cache, entry.tags)
+    if versions is None:  # tag versions unknown: the entry could never be checked
+        entry.payload = None
+    entry.tag_versions = versions or ()
     if entry.payload is None:  # not storable: hand it over, store nothing
         yield from _release(flight, key, token, fence)
         return entry, None
@@ -163,7 +210,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
     return entry, None
 
 
-def drive_sync(flow: Flow, cache: Cache, loader: Callable[[], Any]) -> Result:
+def drive_sync(flow: Generator[Op, Any, R], cache: Cache, loader: Callable[[], Any] | None) -> R:
     tier = cache._sync_tier
     try:
         op = next(flow)
@@ -191,12 +238,14 @@ def drive_sync(flow: Flow, cache: Cache, loader: Callable[[], Any]) -> Result:
                     )
                 elif code == FILL:
                     result = tier.fill(*op[1:])  # type: ignore[union-attr]
+                elif code == TAGS:
+                    result = tier.tag_versions(op[1])  # type: ignore[union-attr]
                 elif code == SLOT:
                     guard = cache._guard
                     result = guard.try_acquire(True) if op[1] else guard.acquire_sync()
                 else:
                     started = time.perf_counter()
-                    result = (loader(), time.perf_counter() - started)
+                    result = (loader(), time.perf_counter() - started)  # type: ignore[misc]
             except Exception as exc:
                 op = flow.throw(exc)
             else:
@@ -207,7 +256,9 @@ def drive_sync(flow: Flow, cache: Cache, loader: Callable[[], Any]) -> Result:
         flow.close()  # cancelled or interrupted mid-operation: run the flow's cleanups now
 
 
-async def drive_async(flow: Flow, cache: Cache, loader: Callable[[], Awaitable[Any]]) -> Result:
+async def drive_async(
+    flow: Generator[Op, Any, R], cache: Cache, loader: Callable[[], Awaitable[Any]] | None
+) -> R:
     tier = cache._async_tier
     try:
         op = next(flow)
@@ -236,12 +287,14 @@ async def drive_async(flow: Flow, cache: Cache, loader: Callable[[], Awaitable[A
                     result = "woken" if done else "expired" if ready or seconds <= _POLL else "poll"
                 elif code == FILL:
                     result = await tier.fill(*op[1:])  # type: ignore[union-attr]
+                elif code == TAGS:
+                    result = await tier.tag_versions(op[1])  # type: ignore[union-attr]
                 elif code == SLOT:
                     guard = cache._guard
                     result = guard.try_acquire(True) if op[1] else await guard.acquire_async()
                 else:
                     started = time.perf_counter()
-                    result = (await loader(), time.perf_counter() - started)
+                    result = (await loader(), time.perf_counter() - started)  # type: ignore[misc]
             except Exception as exc:
                 op = flow.throw(exc)
             else:

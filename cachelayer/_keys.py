@@ -79,6 +79,10 @@ class RedisKeys:
         p = self.prefix
         return f"{p}{tag}", f"{p}lease:{tag}", f"{p}fence:{tag}", f"{p}wait:{tag}"
 
+    def tag(self, tag: str) -> str:
+        """A tag's version counter; tags spread over the cluster, one slot each."""
+        return f"{self.prefix}tag:{{{storage_key(tag)}}}"
+
     @property
     def channel(self) -> str:
         """The pub/sub channel of the namespace (fills, invalidations)."""

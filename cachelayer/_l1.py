@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import cachetools
 
@@ -48,36 +47,119 @@ class _SecondChanceStore(cachetools.Cache):  # type: ignore[type-arg]
         if victim is None:
             victim = next(iter(data))
         self.evictions += 1
-        return victim, self.pop(victim)
+        entry = self.pop(victim)
+        self.on_remove(victim, entry)
+        return victim, entry
+
+    def on_remove(self, key: str, entry: Entry) -> None:
+        """Replaced by the owning L1 to keep its tag index in step."""
 
 
 class L1:
-    """Thread-safe bounded map ``key -> Entry``. ``data`` may be read without the lock."""
+    """Thread-safe bounded map ``key -> Entry``. ``data`` may be read without the lock.
 
-    __slots__ = ("_store", "data", "enabled", "lock")
+    It also indexes entries by tag, so a tag invalidation drops exactly the entries carrying
+    the tag, at once, and the hit path never has to check tags.
+
+    ``trusted`` is False while this process cannot hear invalidations (no pub/sub
+    subscription yet, or lost). Everything kept until then is dropped, and from then on an
+    entry is kept at most ``degraded_ttl`` seconds (0: not at all). Bypassing L1 outright
+    would be the purist's answer, but during a Redis outage it sends every request to the
+    database, which is the incident this library exists to prevent; a second of staleness at
+    worst is the trade, and ``degraded_l1_ttl=0`` takes the purist's side.
+    """
+
+    __slots__ = ("_clock", "_store", "by_tag", "data", "degraded_ttl", "enabled", "lock", "trusted")
 
     def __init__(self, maxsize: int, clock: Callable[[], float]) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
             raise ConfigurationError(f"l1_maxsize must be an int >= 0, got {maxsize!r}")
         self.enabled = maxsize > 0
+        self.trusted = True
+        self.degraded_ttl = 1.0
+        self._clock = clock
         self._store = _SecondChanceStore(max(maxsize, 1), clock)
+        self._store.on_remove = self._unindex  # type: ignore[method-assign]
         self.data = self._store.data
+        self.by_tag: dict[str, set[str]] = {}
         self.lock = threading.Lock()
 
-    def put(self, key: str, entry: Entry) -> None:
-        if self.enabled:
-            with self.lock:
-                self._store[key] = entry
+    def _index(self, key: str, entry: Entry) -> None:
+        for tag in entry.tags:
+            self.by_tag.setdefault(tag, set()).add(key)
+
+    def _unindex(self, key: str, entry: Entry) -> None:
+        for tag in entry.tags:
+            keys = self.by_tag.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.by_tag[tag]
+
+    def _remove(self, key: str) -> None:
+        entry = self._store.pop(key, None)
+        if entry is not None:
+            self._unindex(key, entry)
+
+    def put(self, key: str, entry: Entry, tags_hold: Callable[[Entry], bool]) -> bool:
+        """Keep ``entry`` unless L1 is off or distrusted, or ``tags_hold(entry)`` says an
+        invalidation already overtook its tags (checked under the lock that invalidations
+        take, so one cannot slip in between)."""
+        if not self.enabled or not (self.trusted or self.degraded_ttl):
+            return False
+        with self.lock:
+            if entry.tags and not tags_hold(entry):
+                return False
+            if not self.trusted:
+                if not self.degraded_ttl:
+                    return False
+                cap = self._clock() + self.degraded_ttl
+                entry.l1_limit = min(entry.l1_limit, cap)
+                entry.l1_fresh = min(entry.l1_fresh, cap)
+                entry.l1_expires = min(entry.l1_expires, cap)
+            self._remove(key)
+            self._store[key] = entry
+            self._index(key, entry)
+            return True
 
     def discard(self, key: str, only: Entry | None = None) -> None:
         """Drop ``key``; with ``only``, drop it only if it still holds that very entry."""
         with self.lock:
             if only is None or self.data.get(key) is only:
-                self._store.pop(key, None)
+                self._remove(key)
+
+    def drop_tags(self, tags: list[str] | tuple[str, ...]) -> int:
+        with self.lock:
+            keys = set().union(*(self.by_tag.get(t, ()) for t in tags))
+            for key in keys:
+                self._remove(key)
+            return len(keys)
+
+    def expire(self, key: str, at: float) -> None:
+        """Mark an entry stale as of ``at``: still there for fail-safe and stale serving."""
+        with self.lock:
+            entry = self.data.get(key)
+            if entry is not None and entry.stored_at <= at:
+                entry.fresh_until = min(entry.fresh_until, at)
+                entry.l1_limit = min(entry.l1_limit, at)
+                entry.l1_fresh = min(entry.l1_fresh, at)
+
+    def distrust(self) -> None:
+        with self.lock:
+            self.trusted = False
+            self._store.clear()
+            self.by_tag.clear()
+
+    def trust(self) -> None:
+        with self.lock:
+            self.trusted = True
+            self._store.clear()  # kept while deaf: may have missed an invalidation
+            self.by_tag.clear()
 
     def clear(self) -> None:
         with self.lock:
             self._store.clear()
+            self.by_tag.clear()
 
     @property
     def evictions(self) -> int:
@@ -85,6 +167,3 @@ class L1:
 
     def __len__(self) -> int:
         return len(self.data)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"entries": len(self.data), "maxsize": self._store.maxsize if self.enabled else 0}

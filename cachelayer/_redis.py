@@ -249,10 +249,17 @@ class Clients:
             await client.aclose()
 
 
-# Redis is the arbiter of "was this key invalidated while I loaded it?": every invalidation
-# bumps the key's fence, every load remembers the fence it read, and its write is refused if
-# the fence moved. Fences outlive any load we would still accept (an hour), then expire.
+# Redis is the arbiter of "was this key invalidated while I loaded it?": every write, delete
+# or expire bumps the key's fence (a hash: n = counter, x = when it was last expired), every
+# load remembers the counter it read, and its write is refused if the counter moved. Fences
+# outlive any load we would still accept (an hour), then expire.
 FENCE_PX = 3_600_000
+
+# KEYS: value, fence. Returns {envelope, fence counter, expired-at}: one round trip.
+READ = """
+return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'n'),
+        redis.call('HGET', KEYS[2], 'x')}
+"""
 
 # KEYS: lease, wait-flag. ARGV: token, lease ms. Returns {1, 0} when taken, else
 # {0, ms left on the holder's lease}, and flags that someone waits, so the holder publishes.
@@ -267,7 +274,7 @@ return {0, redis.call('PTTL', KEYS[1])}
 # waiters if any. Returns 1 if written.
 FILL = """
 local written = 0
-if ARGV[7] == '1' and (redis.call('GET', KEYS[3]) or '') == ARGV[4] then
+if ARGV[7] == '1' and (redis.call('HGET', KEYS[3], 'n') or '') == ARGV[4] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   written = 1
 end
@@ -276,22 +283,41 @@ if redis.call('DEL', KEYS[4]) == 1 then redis.call('PUBLISH', ARGV[5], ARGV[6]) 
 return written
 """
 
-# KEYS: value, fence. ARGV: data ('' to delete), ms, fence ms. An explicit write or delete
-# moves the fence, so a load that began before it cannot land after it.
+# KEYS: value, fence. ARGV: mode ('set', 'del' or 'exp'), data, ms, fence ms, now. An
+# explicit write, delete or expire moves the fence, so a load that began before it cannot
+# land after it; an expire also records when, so older envelopes read as stale.
 WRITE = """
-if ARGV[1] == '' then redis.call('DEL', KEYS[1])
-else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if ARGV[1] == 'set' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+elseif ARGV[1] == 'del' then redis.call('DEL', KEYS[1])
+else redis.call('HSET', KEYS[2], 'x', ARGV[5]) end
+redis.call('HINCRBY', KEYS[2], 'n', 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
-_SHA = {src: hashlib.sha1(src.encode()).hexdigest() for src in (ACQUIRE, FILL, WRITE)}
+_SHA = {src: hashlib.sha1(src.encode()).hexdigest() for src in (READ, ACQUIRE, FILL, WRITE)}
 
 # What a tier returns when Redis could not be asked (failed, or the circuit is open). The
 # flow then stops using Redis for the rest of that request, so one request pays at most one
 # timeout.
 FAILED: Any = type("FAILED", (), {"__repr__": lambda self: "FAILED", "__slots__": ()})()
+
+
+class Change:
+    """What one invalidation call (or batch) does in Redis, sent as one pipeline."""
+
+    __slots__ = ("deleted", "expired", "message", "now", "tags", "written")
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.written: list[tuple[str, bytes, int]] = []
+        self.deleted: list[str] = []
+        self.expired: list[str] = []
+        self.tags: list[str] = []
+        self.message: bytes | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.written or self.deleted or self.expired or self.tags)
 
 
 class _Ops:
@@ -311,18 +337,40 @@ class _Ops:
         args = [data, px, token, fence, self.keys.channel, message, "1" if write else "0"]
         return list(self.keys.coordination(key)), args
 
-    def deletion(self, key: str) -> list[Any]:
-        """EVALSHA arguments (after numkeys) that delete ``key`` and move its fence."""
-        value, _, fence, _ = self.keys.coordination(key)
-        return [value, fence, "", 0, FENCE_PX]
+    def queue_change(self, pipe: Any, change: Change) -> None:
+        """Add a change's commands to a pipeline: fenced writes, tag bumps, then the news."""
+        sha = _SHA[WRITE]
+        for key, data, px in change.written:
+            value, _, fence, _ = self.keys.coordination(key)
+            pipe.evalsha(sha, 2, value, fence, "set", data, px, FENCE_PX, change.now)
+        for mode, keys in (("del", change.deleted), ("exp", change.expired)):
+            for key in keys:
+                value, _, fence, _ = self.keys.coordination(key)
+                pipe.evalsha(sha, 2, value, fence, mode, "", 0, FENCE_PX, change.now)
+        for tag in change.tags:
+            pipe.incr(self.keys.tag(tag))
+        if change.message is not None:
+            pipe.publish(self.keys.channel, change.message)
 
 
 def _fill_message(key: str) -> bytes:
     return msgpack.packb(["fill", "", key], use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def _fence_text(raw: Any) -> str:
+def _text(raw: Any) -> str:
     return "" if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _read_result(got: Any) -> Any:
+    """``(envelope bytes or None, fence counter text, expired-at or None)`` or FAILED."""
+    if got is FAILED:
+        return got
+    data, counter, expired = [*list(got), None, None, None][:3]
+    return data, _text(counter), None if expired is None else float(expired)
+
+
+def _versions(got: Any) -> Any:
+    return got if got is FAILED else [int(v) if v is not None else 0 for v in got]
 
 
 class SyncTier(_Ops):
@@ -345,10 +393,11 @@ class SyncTier(_Ops):
             return client.eval(src, len(keys), *keys, *args)
 
     def read(self, key: str) -> Any:
-        """``(envelope bytes or None, fence text)`` or FAILED."""
         value, _, fence, _ = self.keys.coordination(key)
-        got = self._call("get", lambda c: c.mget(value, fence))
-        return got if got is FAILED else (got[0], _fence_text(got[1]))
+        return _read_result(self._call("get", self._eval, READ, [value, fence], []))
+
+    def tag_versions(self, tags: tuple[str, ...]) -> Any:
+        return _versions(self._call("tags", lambda c: c.mget([self.keys.tag(t) for t in tags])))
 
     def acquire(self, key: str, token: str, px: int) -> Any:
         _, lease, _, wait = self.keys.coordination(key)
@@ -358,23 +407,22 @@ class SyncTier(_Ops):
         keys, args = self.fill_args(key, data, px, token, fence, write)
         return self._call("set", self._eval, FILL, keys, args)
 
-    def write(self, key: str, data: bytes, px: int) -> Any:
-        value, _, fence, _ = self.keys.coordination(key)
-        return self._call("set", self._eval, WRITE, [value, fence], [data, px, FENCE_PX])
+    def _send_change(self, client: Any, change: Change) -> Any:
+        for _ in range(2):
+            pipe = client.pipeline(transaction=False)
+            self.queue_change(pipe, change)
+            try:
+                return pipe.execute()
+            except NoScriptError:  # a restarted server forgot its scripts
+                client.script_load(WRITE)
+        return None
 
-    def delete(self, keys: list[str]) -> Any:
-        def run(client: Any) -> Any:
-            for _ in range(2):
-                pipe = client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.evalsha(_SHA[WRITE], 2, *self.deletion(key))
-                try:
-                    return pipe.execute()
-                except NoScriptError:
-                    client.script_load(WRITE)
-            return None
+    def apply(self, change: Change) -> Any:
+        return self._call("invalidate", self._send_change, change)
 
-        return self._call("delete", run)
+    def apply_with(self, client: Any, change: Change) -> Any:
+        """``apply`` through another client (the listener thread's)."""
+        return self._call("invalidate", lambda _: self._send_change(client, change))
 
 
 class AsyncTier(_Ops):
@@ -398,12 +446,13 @@ class AsyncTier(_Ops):
 
     async def read(self, key: str) -> Any:
         value, _, fence, _ = self.keys.coordination(key)
+        return _read_result(await self._call("get", self._eval, READ, [value, fence], []))
 
+    async def tag_versions(self, tags: tuple[str, ...]) -> Any:
         async def mget(c: Any) -> Any:
-            return await c.mget(value, fence)
+            return await c.mget([self.keys.tag(t) for t in tags])
 
-        got = await self._call("get", mget)
-        return got if got is FAILED else (got[0], _fence_text(got[1]))
+        return _versions(await self._call("tags", mget))
 
     async def acquire(self, key: str, token: str, px: int) -> Any:
         _, lease, _, wait = self.keys.coordination(key)
@@ -415,20 +464,15 @@ class AsyncTier(_Ops):
         keys, args = self.fill_args(key, data, px, token, fence, write)
         return await self._call("set", self._eval, FILL, keys, args)
 
-    async def write(self, key: str, data: bytes, px: int) -> Any:
-        value, _, fence, _ = self.keys.coordination(key)
-        return await self._call("set", self._eval, WRITE, [value, fence], [data, px, FENCE_PX])
-
-    async def delete(self, keys: list[str]) -> Any:
+    async def apply(self, change: Change) -> Any:
         async def run(client: Any) -> Any:
             for _ in range(2):
                 pipe = client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.evalsha(_SHA[WRITE], 2, *self.deletion(key))
+                self.queue_change(pipe, change)
                 try:
                     return await pipe.execute()
                 except NoScriptError:
                     await client.script_load(WRITE)
             return None
 
-        return await self._call("delete", run)
+        return await self._call("invalidate", run)

@@ -18,6 +18,8 @@ class Stats:
         "early_refreshes",
         "fenced_writes",
         "fleet_coalesced",
+        "invalidations_received",
+        "invalidations_sent",
         "l1_hits",
         "l2_hits",
         "lease_waits",
@@ -33,6 +35,7 @@ class Stats:
         "stale_overload",
         "stale_soft_timeout",
         "stale_swr",
+        "subscription_losses",
     )
 
     def __init__(self) -> None:
@@ -59,6 +62,9 @@ class Stats:
         self.breaker_skips = 0  # Redis calls not made because the circuit was open
         self.serialization_errors = 0  # loaded values that could not be encoded
         self.corrupt_entries = 0  # undecodable bytes found in Redis
+        self.invalidations_sent = 0  # invalidation changes (calls or batches) sent to Redis
+        self.invalidations_received = 0  # invalidation messages from other processes
+        self.subscription_losses = 0  # times the pub/sub subscription was lost
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in sorted(self.__slots__)}

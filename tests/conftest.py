@@ -173,6 +173,13 @@ def api(request: pytest.FixtureRequest) -> Iterator[SyncAPI]:
         impl.loop.close()
 
 
+def subscribed(cache: Cache) -> Cache:
+    """Wait until ``cache`` hears invalidations: only then does it keep entries in L1."""
+    cache._bus.start()
+    assert cache._bus.ready.wait(5), "no pub/sub subscription within 5 s"
+    return cache
+
+
 @pytest.fixture
 def make_cache(api: SyncAPI) -> Iterator[Callable[..., Cache]]:
     """Build caches (jitter off unless asked for) and close them through the API under test."""
@@ -182,6 +189,8 @@ def make_cache(api: SyncAPI) -> Iterator[Callable[..., Cache]]:
         kw.setdefault("jitter", 0.0)
         cache = Cache(redis, **kw)
         made.append(cache)
+        if redis is not None:
+            subscribed(cache)
         return cache
 
     yield make

@@ -136,7 +136,7 @@ def test_strings_that_are_not_unicode_are_refused_not_mangled() -> None:
 
 
 def _entry(value: Any = "v", tags: tuple[str, ...] = ("catalog",)) -> Entry:
-    return Entry(value, encode_value(value), 100.0, 160.0, 190.0, 0.25, tags)
+    return Entry(value, encode_value(value), 100.0, 160.0, 190.0, 0.25, tags, (3,) * len(tags))
 
 
 def test_envelope_carries_what_later_features_need() -> None:
@@ -145,6 +145,7 @@ def test_envelope_carries_what_later_features_need() -> None:
     assert (back.stored_at, back.fresh_until, back.stale_until) == (100.0, 160.0, 190.0)
     assert back.load_time == 0.25
     assert back.tags == ("catalog",)
+    assert back.tag_versions == (3,)
 
 
 GARBAGE = [
@@ -153,12 +154,15 @@ GARBAGE = [
     b"\xc1",  # never used in msgpack
     b"\x92\x01",  # truncated array
     msgpack.packb([1, 2, 3]),
-    msgpack.packb([2, 1.0, 2.0, 3.0, 0.0, [], b""]),  # a future format version
-    msgpack.packb([1, "a", 2.0, 3.0, 0.0, [], b"\xc0"]),  # times not numbers
-    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [7], b"\xc0"]),  # tags not strings
-    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [], "not bytes"]),
-    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [], b"\xd4\x63\x00"]),  # unknown ext type 99
-    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [], b"\xa2\xff\xfe"]),  # invalid utf-8 str
+    msgpack.packb([2, 1.0, 2.0, 3.0, 0.0, [], b"", []]),  # a future format version
+    msgpack.packb([1, "a", 2.0, 3.0, 0.0, [], b"\xc0", []]),  # times not numbers
+    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [7], b"\xc0", [1]]),  # tags not strings
+    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [], "not bytes", []]),
+    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [], b"\xd4\x63\x00", []]),  # unknown ext type 99
+    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [], b"\xa2\xff\xfe", []]),  # invalid utf-8 str
+    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, ["a"], b"\xc0", []]),  # versions missing
+    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, ["a"], b"\xc0", ["1"]]),  # versions not ints
+    msgpack.packb([1, 1.0, 2.0, 3.0, 0.0, [], b"\xc0"]),  # the 7-field draft of v1
     msgpack.packb({"value": 1}),
     pack_entry(_entry())[:-3],
 ]

@@ -32,6 +32,13 @@ class Counter:
         return f"loaded-{self.calls}"
 
 
+def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
 def timed(fn: Any) -> tuple[Any, float]:
     start = time.monotonic()
     value = fn()
@@ -50,7 +57,11 @@ def test_a_stopped_server_falls_through_to_the_loader_quickly(
             value, took = timed(lambda i=i: cache.get_or_load(f"k{i}", loader))
             assert value.startswith("loaded-")
             assert took < BOUND
-        assert cache.get_or_load("a", loader) == "loaded-1"  # L1 still answers
+        wait_for(lambda: cache.stats()["subscribed"] is False)
+        # Deaf to invalidations, the process dropped its L1; it reloads "a" once and keeps
+        # it briefly (degraded_l1_ttl), so the database is not hit on every request.
+        again = cache.get_or_load("a", loader)
+        assert cache.get_or_load("a", loader) == again
     stats = cache.stats()
     # Three failures open the circuit; after that no request even tries Redis.
     assert stats["backend_errors"] == 3
@@ -59,7 +70,7 @@ def test_a_stopped_server_falls_through_to_the_loader_quickly(
     # One line per change of state (redis failed, circuit opened, subscription lost), not
     # one per request.
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) <= 3, warnings
+    assert len(warnings) <= 4, warnings
     assert len(set(warnings)) == len(warnings)
     cache.close()
 
@@ -256,6 +267,8 @@ def test_chaos_no_caller_error_bounded_latency_one_load_per_key(own_redis: Redis
     with Proxy(own_redis.port) as proxy:
         cache = Cache(proxy.url, redis_timeout=TIMEOUT, jitter=0, ttl=600, breaker_cooldown=0.3)
         loads: dict[str, int] = {}
+        running: dict[str, int] = {}
+        overlap: list[str] = []
         lock = threading.Lock()
         errors: list[BaseException] = []
         worst = 0.0
@@ -265,7 +278,12 @@ def test_chaos_no_caller_error_bounded_latency_one_load_per_key(own_redis: Redis
             def load() -> str:
                 with lock:
                     loads[key] = loads.get(key, 0) + 1
+                    running[key] = running.get(key, 0) + 1
+                    if running[key] > 1:
+                        overlap.append(key)
                 time.sleep(0.005)
+                with lock:
+                    running[key] -= 1
                 return key
 
             return load
@@ -298,4 +316,7 @@ def test_chaos_no_caller_error_bounded_latency_one_load_per_key(own_redis: Redis
     assert errors == []
     assert worst < BOUND
     assert sorted(loads) == sorted(f"k{i}" for i in range(20))
-    assert set(loads.values()) == {1}  # L1 and single-flight: once per key, Redis or not
+    assert overlap == []  # never two loads of one key at once in this process
+    # Deaf spells clear L1 and keep entries about a second, so a key reloads about once a
+    # second at most: not once per request.
+    assert max(loads.values()) <= 6, loads
