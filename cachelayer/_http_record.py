@@ -3,7 +3,7 @@ stored response is answered again (hit, 304, HEAD).
 
 A stored response is a plain list (msgpack-friendly, cheap to index on the hit path)::
 
-    ["R", status, headers, body, stored_at, lifetime, age0, etag, last_modified,
+    ["R1", status, headers, body, stored_at, lifetime, age0, etag, last_modified,
      vary_names, vary_values, gen, auth_ok, swr, sie]
 
 ``swr`` and ``sie`` are the response's stale-while-revalidate and stale-if-error windows; the
@@ -31,7 +31,8 @@ from ._http_headers import (
 from ._http_request import Headers, Request
 from ._http_settings import Settings
 
-REC, MARK, PASS = "R", "M", "P"
+# The layout's version is in the kind: a process of another version reads a miss, not garbage.
+REC, MARK, PASS = "R1", "M", "P"
 MARKER: list[Any] = [MARK]
 PASS_VALUE: list[Any] = [PASS]
 (
@@ -65,6 +66,17 @@ _NOT_MODIFIED_FIELDS = frozenset(
 # (overload, a failed precondition), not about the URL.
 _TRANSIENT = frozenset({304, 408, 412, 425, 429})
 MAX_VARY = 8
+RECORD_LEN = 15
+
+
+def kind_of(value: Any) -> str | None:
+    """REC, MARK or PASS for values this version wrote; None for anything else (a miss)."""
+    if type(value) is not list or not value:
+        return None
+    kind = value[0]
+    if kind == REC:
+        return REC if len(value) == RECORD_LEN else None
+    return kind if kind in (MARK, PASS) else None
 
 
 class Plan:

@@ -50,6 +50,7 @@ from ._http_record import (
     VARY_NAMES,
     VARY_VALUES,
     answer,
+    kind_of,
     remaining,
 )
 from ._http_request import Request, classify, invalidation_keys
@@ -188,7 +189,7 @@ class CacheMiddleware:
         send: Send,
     ) -> None:
         """Answer from ``value``, found under ``key`` (a variant of ``primary`` if given)."""
-        kind = value[0] if type(value) is list and value else None
+        kind = kind_of(value)
         if kind == REC:
             if req.auth and not value[AUTH_OK]:
                 label = "fwd=bypass; detail=authorization"
@@ -354,7 +355,7 @@ class CacheMiddleware:
         exchange.fallback = fallback
         await exchange.run()
         loaded = exchange.outcome
-        if loaded is not None and loaded.store and loaded.value[0] == REC:
+        if loaded is not None and loaded.store and kind_of(loaded.value) == REC:
             try:
                 await self.cache.aset(
                     key, loaded.value, ttl=loaded.ttl, stale_ttl=loaded.stale_ttl,

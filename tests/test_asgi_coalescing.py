@@ -1,6 +1,5 @@
 """Concurrent identical requests reach the app once; uncacheable URLs are not queued; stale
-responses are served as the response allows; tag invalidation (which waits on the core) is
-written down as a strict xfail."""
+responses are served as the response allows; response tags invalidate pages everywhere."""
 
 from __future__ import annotations
 
@@ -192,9 +191,7 @@ def test_when_the_core_sheds_load_the_app_is_not_asked_anyway() -> None:
     run(scenario())
 
 
-# --- waiting on the core ----------------------------------------------------------------------
-
-NEEDS_CORE = "needs tag invalidation in the core"
+# --- stale responses --------------------------------------------------------------------------
 
 
 def test_stale_while_revalidate_serves_the_stale_page_while_refreshing() -> None:
@@ -295,8 +292,45 @@ def test_stale_if_error_serves_the_stale_page_when_the_app_fails(failure: str) -
     run(scenario())
 
 
-@pytest.mark.xfail(reason=NEEDS_CORE, strict=True, raises=NotImplementedError)
-def test_cache_tags_from_the_response_invalidate_pages() -> None:
+# --- tags -------------------------------------------------------------------------------------
+
+
+def test_cache_tags_from_the_response_invalidate_pages_and_their_variants() -> None:
+    version = 0
+
+    async def page(request: Request) -> Response:
+        nonlocal version
+        version += 1
+        lang = request.headers.get("accept-language", "-")
+        headers = {
+            "Cache-Control": "max-age=60",
+            "Cache-Tag": "catalog, p1",
+            "Vary": "Accept-Language",
+        }
+        return Response(f"v{version} {lang}", headers=headers)
+
+    async def other(request: Request) -> Response:
+        return Response("other", headers={"Cache-Control": "max-age=60", "Cache-Tag": "blog"})
+
+    origin = Origin({"/": page, "/blog": other})
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            en, fr = {"Accept-Language": "en"}, {"Accept-Language": "fr"}
+            assert (await c.get("/", headers=en)).text == "v1 en"
+            assert (await c.get("/", headers=fr)).text == "v2 fr"
+            await c.get("/blog")
+            await origin.cache.ainvalidate_tags("catalog")
+            assert (await c.get("/", headers=fr)).text == "v3 fr"
+            assert (await c.get("/", headers=en)).text == "v4 en"
+            assert (await c.get("/blog")).headers["cache-status"].startswith("cachelayer; hit")
+        assert origin.n("/blog") == 1
+
+    run(scenario())
+
+
+@pytest.mark.redis
+def test_tag_invalidation_reaches_every_process(redis_url: str) -> None:
     version = 0
 
     async def page(request: Request) -> Response:
@@ -306,12 +340,20 @@ def test_cache_tags_from_the_response_invalidate_pages() -> None:
             f"v{version}", headers={"Cache-Control": "max-age=60", "Cache-Tag": "catalog"}
         )
 
-    origin = Origin({"/": page})
+    caches = [Cache(redis_url, jitter=0.0, namespace="tags") for _ in range(2)]
+    a, b = (Origin({"/": page}, cache=cache) for cache in caches)
 
     async def scenario() -> None:
-        async with origin.client() as c:
-            assert (await c.get("/")).text == "v1"
-            await origin.cache.ainvalidate_tags("catalog")
-            assert (await c.get("/")).text == "v2"
+        async with a.client() as ca, b.client() as cb:
+            assert (await ca.get("/")).text == "v1"
+            assert (await cb.get("/")).text == "v1"  # from Redis, then in b's L1
+            await caches[0].ainvalidate_tags("catalog")
+            for _ in range(200):  # b's L1 learns of it over pub/sub
+                if (await cb.get("/")).text != "v1":
+                    break
+                await asyncio.sleep(0.01)
+            assert (await cb.get("/")).text == "v2"
+        for cache in caches:
+            await cache.aclose()
 
     run(scenario())

@@ -541,3 +541,23 @@ def test_the_middleware_module_needs_no_starlette() -> None:
     code = "import sys; sys.modules['starlette'] = None; import cachelayer.asgi; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [["R", 200, [], b"old layout"], ["R1", 200], "text", {"R1": 1}, ["X"], [], None],
+)
+def test_values_of_another_version_or_shape_are_a_miss(foreign: Any) -> None:
+    origin = Origin({"/": fixed("fresh", cache_control="max-age=60")})
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            await c.get("/")
+            # whatever sits under the key, the middleware answers from the app, not garbage
+            key = next(iter(origin.cache._l1.data))
+            await origin.cache.aset(key, foreign)
+            r = await c.get("/")
+            assert (r.status_code, r.text) == (200, "fresh")
+            assert (await c.get("/")).headers["cache-status"].startswith("cachelayer; hit")
+
+    run(scenario())
