@@ -60,6 +60,8 @@ _HOST = re.compile(r"[a-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9a-f:.]{2,45}\](:[0-9
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 _MAX_PATH = 2048
 _MAX_QUERY = 4096
+_MEMO_SIZE = 4096
+Located = tuple[str, bytes, Rule]
 
 
 class Request:
@@ -139,8 +141,8 @@ def canonical_query(raw: bytes, rule: Rule) -> bytes | None:
     return b"&".join(p for _, p in named)
 
 
-def url_key(settings: Settings, scope: Scope, host: str, partition: str) -> str | None:
-    """The primary key of a URL, or None when its path is ambiguous.
+def url_part(scope: Scope, host: str) -> str | None:
+    """The partition-free part of a URL's key, or None when its path is ambiguous.
 
     The path is the one the router sees (``scope["path"]``, already percent-decoded), quoted
     back so that no path can collide with a path-plus-query. Dot segments and encoded
@@ -160,8 +162,7 @@ def url_key(settings: Settings, scope: Scope, host: str, partition: str) -> str 
         path = quote(path, safe="/!$&'()*+,;=:@-._~")
     if root and not _SAFE_PATH.fullmatch(root):
         root = quote(root, safe="/")
-    scheme = scope.get("scheme", "http")
-    return f"{settings.prefix}:{partition}:{scheme}://{host}{root}|{path}"
+    return f"{scope.get('scheme', 'http')}://{host}{root}|{path}"
 
 
 def partition_of(settings: Settings, scope: Scope) -> str | None:
@@ -193,26 +194,44 @@ def host_of(settings: Settings, value: bytes | None) -> str | None:
     return host
 
 
-def compose_key(
-    settings: Settings,
-    scope: Scope,
-    host: bytes | None,
-    partition: str,
-    trusted: list[bytes],
-    rule: Rule,
-) -> tuple[str, bytes] | None:
-    """The key of a URL and the canonical query the app will see, or None (bypass)."""
+def locate(settings: Settings, scope: Scope, host: bytes | None) -> Located | str:
+    """The URL's key (without partition), canonical query and rule, or why not to cache.
+
+    Pure in the URL, so memoised: a hot URL pays for its parsing once, not on every hit.
+    """
+    memo_key = (
+        host,
+        scope.get("scheme"),
+        scope.get("root_path", ""),
+        scope["path"],
+        scope.get("raw_path"),
+        scope.get("query_string", b""),
+    )
+    found: Located | str | None = settings.memo.get(memo_key)
+    if found is not None:
+        return found
+    rule = match_rule(settings, scope["path"])
     hoststr = host_of(settings, host)
-    if hoststr is None:
-        return None
-    key = url_key(settings, scope, hoststr, partition)
+    url = None if hoststr is None else url_part(scope, hoststr)
     query = canonical_query(scope.get("query_string", b""), rule)
-    if key is None or query is None:
-        return None
-    key = f"{key}?{query.decode('ascii')}"
+    result: Located | str
+    if not rule.cache:
+        result = "rule"
+    elif url is None or query is None:
+        result = "uri"
+    else:
+        result = (f"{url}?{query.decode('ascii')}", query, rule)
+    if len(settings.memo) >= _MEMO_SIZE:
+        settings.memo.clear()
+    settings.memo[memo_key] = result
+    return result
+
+
+def full_key(settings: Settings, url: str, partition: str, trusted: list[bytes]) -> str:
+    key = f"{settings.prefix}:{partition}:{url}"
     if trusted:
         key += "|" + hashlib.blake2b(b"|".join(sorted(trusted)), digest_size=16).hexdigest()
-    return key, query
+    return key
 
 
 def invalidation_keys(settings: Settings, scope: Scope, locations: list[bytes]) -> list[str]:
@@ -244,11 +263,9 @@ def invalidation_keys(settings: Settings, scope: Scope, locations: list[bytes]) 
         scopes.append({**scope, **url, "raw_path": path})
     keys = []
     for s in scopes:
-        composed = compose_key(
-            settings, s, host, partition, trusted, match_rule(settings, s["path"])
-        )
-        if composed is not None:
-            keys.append(composed[0])
+        located = locate(settings, s, host)
+        if not isinstance(located, str):
+            keys.append(full_key(settings, located[0], partition, trusted))
     return keys
 
 
@@ -286,19 +303,16 @@ def classify(settings: Settings, scope: Scope) -> Request | str:
             if name not in settings.trusted:
                 return "forwarded"
             trusted.append(name + b"=" + value)
-    rule = match_rule(settings, scope["path"])
-    if not rule.cache:
-        return "rule"
+    located = locate(settings, scope, host)
+    if isinstance(located, str):
+        return located
     if cookie and settings.private_key is None:
         return "cookie"
     partition = partition_of(settings, scope)
     if partition is None:
         return "private"
-    composed = compose_key(settings, scope, host, partition, trusted, rule)
-    if composed is None:
-        return "uri"
-    key, query = composed
-    req = Request(key, scope, query, headers, rule)
+    url, query, rule = located
+    req = Request(full_key(settings, url, partition, trusted), scope, query, headers, rule)
     req.head = scope["method"] == "HEAD"
     req.shared = partition == "s"
     req.auth = auth and req.shared

@@ -122,3 +122,4 @@ class Settings:
         self.tags_header = tags_header.lower().encode("ascii") if tags_header else None
         self.cache_status = cache_status
         self.prefix = prefix
+        self.memo: dict[tuple[Any, ...], Any] = {}  # URL -> its key parts (``locate``)
