@@ -128,7 +128,10 @@ def main() -> int:
     folder = os.path.join(args.results, time.strftime("surge-%Y%m%dT%H%M%SZ", time.gmtime()))
     os.makedirs(folder, exist_ok=True)
     document = {"command": command, "median_repeat": shown, "repeats": results}
-    for name, content in (("surge.json", to_json(document)), ("surge.txt", text + "\n")):
+    for name, content in (
+        ("surge.json", to_json(document)),
+        ("surge.txt", f"$ {command}\n{text}\n"),
+    ):
         with open(os.path.join(folder, name), "w") as f:
             f.write(content)
     png = os.path.join(folder, "surge.png")
