@@ -8,6 +8,7 @@ machine running the tests is shared and its speed is not ours to assert.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import random
@@ -250,6 +251,20 @@ def test_cli_rejects_bad_urls_before_replaying(
     assert cli.main(["surge", *argv]) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cache_options_are_read_as_json_where_they_can_be() -> None:
+    assert cli.cache_option("origin_limit=8") == ("origin_limit", 8)
+    assert cli.cache_option("max_stale=null") == ("max_stale", None)
+    assert cli.cache_option("namespace=shop") == ("namespace", "shop")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        cli.cache_option("origin_limit")
+
+
+def test_cli_refuses_cache_options_the_cache_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["surge", "--cache-option", "no_such_option=1"]) == 1
+    err = capsys.readouterr().err
+    assert "refused its options" in err and "Traceback" not in err
 
 
 def test_cli_reports_unreachable_servers(capsys: pytest.CaptureFixture[str]) -> None:
