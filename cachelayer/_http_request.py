@@ -227,11 +227,22 @@ def locate(settings: Settings, scope: Scope, host: bytes | None) -> Located | st
     return result
 
 
-def full_key(settings: Settings, url: str, partition: str, trusted: list[bytes]) -> str:
-    key = f"{settings.prefix}:{partition}:{url}"
+def full_key(
+    settings: Settings, url: str, partition: str, trusted: list[bytes], variant: str = "p"
+) -> str:
+    """``prefix:partition:forwarded:variant:url``. Every field but the URL is fixed-format and
+    free of ``:``, and the URL (which a client shapes) comes last, so no request can spell
+    another's key: not another partition's, another forwarded value's, nor a variant's."""
+    fwd = ""
     if trusted:
-        key += "|" + hashlib.blake2b(b"|".join(sorted(trusted)), digest_size=16).hexdigest()
-    return key
+        fwd = hashlib.blake2b(b"|".join(sorted(trusted)), digest_size=16).hexdigest()
+    return f"{settings.prefix}:{partition}:{fwd}:{variant}:{url}"
+
+
+def variant_key(primary_key: str, variant: str) -> str:
+    """The key of one variant: the primary's with its ``p`` field replaced."""
+    head, url = primary_key.split(":p:", 1)
+    return f"{head}:{variant}:{url}"
 
 
 def invalidation_keys(settings: Settings, scope: Scope, locations: list[bytes]) -> list[str]:

@@ -121,5 +121,9 @@ class Settings:
         self.trusted = tuple(sorted(h.lower().encode("ascii") for h in trusted_forwarded_headers))
         self.tags_header = tags_header.lower().encode("ascii") if tags_header else None
         self.cache_status = cache_status
+        if not isinstance(prefix, str) or not prefix or ":" in prefix:
+            raise ConfigurationError(
+                f"prefix must be a non-empty string without ':', got {prefix!r}"
+            )
         self.prefix = prefix
         self.memo: dict[tuple[Any, ...], Any] = {}  # URL -> its key parts (``locate``)

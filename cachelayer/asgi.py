@@ -53,7 +53,7 @@ from ._http_record import (
     kind_of,
     remaining,
 )
-from ._http_request import Request, classify, invalidation_keys
+from ._http_request import Request, classify, invalidation_keys, variant_key
 from ._http_settings import DEFAULT_STATUSES, Rule, Settings
 from .exceptions import LoadTimeoutError, OriginOverloadedError
 
@@ -253,7 +253,7 @@ class CacheMiddleware:
         # reloaded, every variant stored under the old generation becomes unreachable.
         url = f"{key}#{primary[GEN]}"
         digest = hashlib.blake2b(json.dumps(values).encode(), digest_size=16).hexdigest()
-        vkey = f"{url}:{digest}"
+        vkey = variant_key(key, f"v{primary[GEN]}.{digest}")
         seen = self._variants.get(url)
         if seen is None:
             if len(self._variants) >= _MAX_TRACKED_URLS:

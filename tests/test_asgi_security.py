@@ -368,3 +368,19 @@ def test_non_latin1_response_headers_pass_through_unstored() -> None:
         assert origin.n("/") == 2
 
     run(scenario())
+
+
+def test_no_query_can_spell_the_key_of_a_forwarded_or_variant_entry() -> None:
+    import hashlib
+
+    origin = Origin({"/": links}, trusted_forwarded_headers=["X-Forwarded-Host"])
+    digest = hashlib.blake2b(b"x-forwarded-host=evil.example", digest_size=16).hexdigest()
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            await c.get("/?x=1", headers={"X-Forwarded-Host": "evil.example"})
+            for crafted in (f"/?x=1|{digest}", f"/?x=1:{digest}", f"/?x=1#{digest}:p"):
+                r = await c.get(crafted.replace("#", "%23"))
+                assert "evil.example" not in r.text
+
+    run(scenario())
