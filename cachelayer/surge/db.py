@@ -85,7 +85,7 @@ class Target:
         return f"PostgreSQL at {parts.hostname or 'local socket'}:{parts.port or 5432}"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host in ("", "localhost") or host.startswith("/"):
         return True  # no host, or a Unix socket directory: this machine
     try:
@@ -109,20 +109,21 @@ def parse_database_url(url: str | None) -> tuple[str, str]:
             parts = urllib.parse.urlsplit(url)
             host, _port = parts.hostname or "", parts.port
         except ValueError as exc:
-            raise SurgeError(f"malformed PostgreSQL URL {_redact(url)!r}: {exc}") from None
+            raise SurgeError(f"malformed PostgreSQL URL {redact(url)!r}: {exc}") from None
         query_host = urllib.parse.parse_qs(parts.query).get("host", [""])[0]
-        if not _is_loopback(host or query_host):
+        if not is_loopback(host or query_host):
             raise SurgeError(
                 f"refusing to replay a surge against {host!r}: the replay only targets this "
                 "machine (localhost, 127.0.0.1, ::1 or a Unix socket)"
             )
         return "postgresql", url
     raise SurgeError(
-        f"malformed database URL {_redact(url)!r}: expected postgresql://... or sqlite:///..."
+        f"malformed database URL {redact(url)!r}: expected postgresql://... or sqlite:///..."
     )
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """``url`` with its password masked, for messages."""
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
@@ -235,7 +236,7 @@ async def _pg_connect(url: str) -> Any:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, ValueError) as exc:
         raise SurgeError(
-            f"cannot connect to PostgreSQL at {_redact(url)}: {type(exc).__name__}: {exc}"
+            f"cannot connect to PostgreSQL at {redact(url)}: {type(exc).__name__}: {exc}"
         ) from None
 
 

@@ -40,18 +40,18 @@ def check_redis(url: str | None) -> None:
 
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
-        raise SurgeError(f"malformed Redis URL {url!r}: expected redis://host:port/db")
+        raise SurgeError(f"malformed Redis URL {db.redact(url)!r}: expected redis://host:port/db")
     try:
         host = urllib.parse.urlsplit(url).hostname or ""
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     except ValueError as exc:
-        raise SurgeError(f"malformed Redis URL {url!r}: {exc}") from None
-    if scheme != "unix" and not db._is_loopback(host):
+        raise SurgeError(f"malformed Redis URL {db.redact(url)!r}: {exc}") from None
+    if scheme != "unix" and not db.is_loopback(host):
         raise SurgeError(f"refusing Redis at {host!r}: the replay only uses this machine")
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise SurgeError(f"cannot reach Redis at {url}: {exc}") from None
+        raise SurgeError(f"cannot reach Redis at {db.redact(url)}: {exc}") from None
     finally:
         client.close()
 
@@ -105,9 +105,14 @@ async def served(
         "namespace": namespace,
         "port": port,
     }
+    # The spec travels on stdin, not argv: URLs may carry passwords, and argv is public.
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cachelayer.surge.serve", json.dumps(spec)
+        sys.executable, "-m", "cachelayer.surge.serve", stdin=asyncio.subprocess.PIPE
     )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    await proc.stdin.drain()
+    proc.stdin.close()
     load = LoopbackClient(port)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:

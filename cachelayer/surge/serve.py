@@ -1,6 +1,6 @@
 """The shop served by uvicorn on 127.0.0.1, for ``replay(serve=True)``.
 
-    python -m cachelayer.surge.serve '<json spec written by replay.served>'
+    python -m cachelayer.surge.serve < spec.json    # the JSON spec replay.served writes
 
 Not a user-facing command: the replay starts it, waits for ``/_surge/metrics`` to answer,
 and stops it with SIGTERM, on which uvicorn shuts down and the lifespan closes the pool.
@@ -55,4 +55,4 @@ async def serve(spec: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(json.loads(sys.argv[1])))
+    asyncio.run(serve(json.loads(sys.stdin.read())))
