@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from ._bus import Bus
 from ._codec import CorruptEntryError, Entry, encode_value, pack_entry, unpack_entry
 from ._flight import Flights
-from ._flow import drive_async, drive_sync, lookup
+from ._flow import drive_async, drive_sync, lookup, tag_snapshot
 from ._guard import OriginGuard
 from ._invalidate import Batch, Invalidator
 from ._keys import RedisKeys, validate_namespace
@@ -232,7 +232,9 @@ class Cache(ReadPath, Invalidator):
                 ) from exc
             return None
 
-    def _admit(self, key: str, entry: Entry, now: float, refresh_of: Entry | None) -> Entry | None:
+    def _admit(
+        self, key: str, entry: Entry, now: float, refresh_of: Entry | None, since: int
+    ) -> Entry | None:
         """An entry from Redis still usable (fresh or within its grace, and newer than
         ``refresh_of`` if given) is kept in L1 and returned."""
         if now >= entry.stale_until:
@@ -241,7 +243,7 @@ class Cache(ReadPath, Invalidator):
             return None
         if now < entry.fresh_until:
             self._stats.l2_hits += 1
-        self._keep(key, entry, now)
+        self._keep(key, entry, now, since)
         return entry
 
     def _prepare(self, key: str, value: Any, load_time: float, opts: Options) -> Entry:
@@ -276,14 +278,16 @@ class Cache(ReadPath, Invalidator):
             tags=opts.tags,
         )
 
-    def _keep(self, key: str, entry: Entry, now: float | None = None) -> None:
+    def _keep(
+        self, key: str, entry: Entry, now: float | None = None, since: int | None = None
+    ) -> None:
         bound_for_l1(entry, entry.stored_at if now is None else now, self._l1_ttl, self._beta)
         # One representation per mode: shared objects, or bytes decoded per caller.
         if self._copy:
             entry.value = None
         else:
             entry.payload = None
-        self._l1.put(key, entry, self._tags_hold)
+        self._l1.put(key, entry, self._tags_hold, since)
 
     def _tags_hold(self, entry: Entry) -> bool:
         return self._tag_versions.current(entry.tags, entry.tag_versions)
@@ -377,7 +381,12 @@ class Cache(ReadPath, Invalidator):
         """
         entry, data, px = self._stored(check_key(key), value, ttl, stale_ttl, tags)
         if entry.tags:
-            entry.tag_versions = self._tag_versions.known(entry.tags) or ()
+            versions = drive_sync(tag_snapshot(self, entry.tags), self, None)
+            if versions is None:  # Redis cannot say which versions hold: it is failing anyway
+                log.warning("cachelayer: not storing %r: its tags' versions are unknown", key)
+                return
+            entry.tag_versions = versions
+            data = pack_entry(entry)
         self._invalidate_sync([], [], [], batched=False, written=[(key, data, px)])
         self._keep(key, entry)
 
@@ -477,7 +486,12 @@ class Cache(ReadPath, Invalidator):
     ) -> None:
         entry, data, px = self._stored(check_key(key), value, ttl, stale_ttl, tags)
         if entry.tags:
-            entry.tag_versions = self._tag_versions.known(entry.tags) or ()
+            versions = await drive_async(tag_snapshot(self, entry.tags), self, None)
+            if versions is None:  # Redis cannot say which versions hold: it is failing anyway
+                log.warning("cachelayer: not storing %r: its tags' versions are unknown", key)
+                return
+            entry.tag_versions = versions
+            data = pack_entry(entry)
         await self._invalidate_async([], [], [], batched=False, written=[(key, data, px)])
         self._keep(key, entry)
 

@@ -44,7 +44,9 @@ class Flight:
         "listeners",
         "loop",
         "outcome",
+        "since",
         "stale",
+        "tags",
         "task",
         "waiters",
     )
@@ -59,6 +61,8 @@ class Flight:
         self.invalidated = False  # an invalidation arrived while loading: keep out of L1
         self.stale: Any = None  # best stale entry the load found, for callers who time out
         self.lease: tuple[str, str] | None = None  # (token, fence) while holding a lease
+        self.tags: tuple[str, ...] = ()  # the tags its entry will carry
+        self.since = 0  # L1's invalidation generation when the load began
 
 
 class Flights:
@@ -91,10 +95,21 @@ class Flights:
             return flight
 
     def invalidate(self, key: str) -> None:
+        """An invalidation of ``key`` overtook its running load: the load's result may go to
+        those already waiting (they asked before), but not into L1, and later callers must
+        not join it: they start a new flight."""
         with self._lock:
-            flight = self._flights.get(key)
+            flight = self._flights.pop(key, None)
             if flight is not None:
                 flight.invalidated = True
+
+    def invalidate_tags(self, tags: list[str] | tuple[str, ...]) -> None:
+        """Like ``invalidate``, for every running load whose entry carries one of ``tags``."""
+        wanted = set(tags)
+        with self._lock:
+            hit = [k for k, f in self._flights.items() if wanted.intersection(f.tags)]
+            for key in hit:
+                self._flights.pop(key).invalidated = True
 
     def finish(self, key: str, flight: Flight, outcome: Outcome) -> None:
         with self._lock:

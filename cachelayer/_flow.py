@@ -70,7 +70,7 @@ def tag_snapshot(cache: Cache, tags: tuple[str, ...]) -> Generator[Op, Any, tupl
 
 
 def from_l2(
-    cache: Cache, key: str, got: Any, refresh_of: Entry | None
+    cache: Cache, key: str, got: Any, refresh_of: Entry | None, since: int
 ) -> Generator[Op, Any, Entry | None]:
     """An entry read from Redis that still stands: decodable, its tags' versions unchanged,
     not expired before it was written, within its grace (and newer than ``refresh_of``)."""
@@ -82,15 +82,16 @@ def from_l2(
         return None  # a tag it carries was invalidated after it was loaded
     if expired_at is not None and entry.stored_at <= expired_at:
         entry.fresh_until = min(entry.fresh_until, expired_at)
-    return cache._admit(key, entry, cache._clock(), refresh_of)
+    return cache._admit(key, entry, cache._clock(), refresh_of, since)
 
 
 def lookup(cache: Cache, key: str) -> Generator[Op, Any, Entry | None]:
     """``get``: a fresh entry from L1 or Redis, never a load."""
+    since = cache._l1.generation
     got = yield (GET, key)
     if got is FAILED:
         return None
-    entry = yield from from_l2(cache, key, got, None)
+    entry = yield from from_l2(cache, key, got, None, since)
     return entry if entry is not None and cache._clock() < entry.fresh_until else None
 
 
@@ -120,7 +121,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             use_redis = False
         else:
             fence = got[1]
-            found = yield from from_l2(cache, key, got, refresh_of)
+            found = yield from from_l2(cache, key, got, refresh_of, flight.since)
             if found is not None and now < found.fresh_until:
                 return found, None
             stale = _newer(stale, found)
@@ -149,7 +150,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
                 use_redis, token = False, ""
                 break
             fence = got[1]
-            found = yield from from_l2(cache, key, got, None)
+            found = yield from from_l2(cache, key, got, None, flight.since)
             if found is not None and cache._clock() < found.fresh_until:
                 cache._stats.fleet_coalesced += 1
                 return found, "fleet"
@@ -206,7 +207,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             written = False
             cache._stats.fenced_writes += 1
     if written and not flight.invalidated:
-        cache._keep(key, entry)
+        cache._keep(key, entry, None, flight.since)
     return entry, None
 
 

@@ -154,6 +154,7 @@ class Invalidator:
             self._throttle.pop(key, None)
         if tags:
             self._tag_versions.forget(tags)  # before dropping, so no refill can race in
+            self._flights.invalidate_tags(tags)
             self._l1.drop_tags(tags)
         event = Invalidation(tuple(keys), tuple(expired), tuple(tags), local, sender)
         for callback in self._callbacks:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import cachetools
 
@@ -21,6 +21,7 @@ from ._codec import Entry
 from .exceptions import ConfigurationError
 
 _SCAN = 32  # bound on the entries one eviction examines, so a write never stalls on a scan
+_TOMBSTONES = 10_000  # invalidations remembered one by one; beyond, all readers are suspect
 
 
 class _SecondChanceStore(cachetools.Cache):  # type: ignore[type-arg]
@@ -69,7 +70,20 @@ class L1:
     worst is the trade, and ``degraded_l1_ttl=0`` takes the purist's side.
     """
 
-    __slots__ = ("_clock", "_store", "by_tag", "data", "degraded_ttl", "enabled", "lock", "trusted")
+    __slots__ = (
+        "_clock",
+        "_floor",
+        "_store",
+        "_tomb_keys",
+        "_tomb_tags",
+        "by_tag",
+        "data",
+        "degraded_ttl",
+        "enabled",
+        "generation",
+        "lock",
+        "trusted",
+    )
 
     def __init__(self, maxsize: int, clock: Callable[[], float]) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
@@ -83,6 +97,27 @@ class L1:
         self.data = self._store.data
         self.by_tag: dict[str, set[str]] = {}
         self.lock = threading.Lock()
+        # Invalidations are numbered. A reader notes the number when it starts; whatever it
+        # found may enter L1 only if no invalidation of its key or tags came after that,
+        # because the invalidation's own sweep of L1 has already passed.
+        self.generation = 0
+        self._tomb_keys: dict[str, int] = {}
+        self._tomb_tags: dict[str, int] = {}
+        self._floor = 0  # readers that started before this are all suspect
+
+    def _tombstone(self, tombs: dict[str, int], names: Iterable[str]) -> None:
+        self.generation += 1
+        if len(tombs) >= _TOMBSTONES:
+            self._tomb_keys.clear()
+            self._tomb_tags.clear()
+            self._floor = self.generation
+        for name in names:
+            tombs[name] = self.generation
+
+    def _overtaken(self, key: str, entry: Entry, since: int) -> bool:
+        if since < self._floor or self._tomb_keys.get(key, -1) > since:
+            return True
+        return any(self._tomb_tags.get(t, -1) > since for t in entry.tags)
 
     def _index(self, key: str, entry: Entry) -> None:
         for tag in entry.tags:
@@ -101,13 +136,17 @@ class L1:
         if entry is not None:
             self._unindex(key, entry)
 
-    def put(self, key: str, entry: Entry, tags_hold: Callable[[Entry], bool]) -> bool:
-        """Keep ``entry`` unless L1 is off or distrusted, or ``tags_hold(entry)`` says an
-        invalidation already overtook its tags (checked under the lock that invalidations
-        take, so one cannot slip in between)."""
+    def put(
+        self, key: str, entry: Entry, tags_hold: Callable[[Entry], bool], since: int | None = None
+    ) -> bool:
+        """Keep ``entry`` unless L1 is off, or an invalidation overtook it: of its key or tags
+        after generation ``since`` (when its reader started), or of its tags' versions
+        (``tags_hold``). Checked under the lock invalidations take, so none slips between."""
         if not self.enabled or not (self.trusted or self.degraded_ttl):
             return False
         with self.lock:
+            if since is not None and self._overtaken(key, entry, since):
+                return False
             if entry.tags and not tags_hold(entry):
                 return False
             if not self.trusted:
@@ -125,11 +164,14 @@ class L1:
     def discard(self, key: str, only: Entry | None = None) -> None:
         """Drop ``key``; with ``only``, drop it only if it still holds that very entry."""
         with self.lock:
+            if only is None:
+                self._tombstone(self._tomb_keys, (key,))
             if only is None or self.data.get(key) is only:
                 self._remove(key)
 
     def drop_tags(self, tags: list[str] | tuple[str, ...]) -> int:
         with self.lock:
+            self._tombstone(self._tomb_tags, tags)
             keys = set().union(*(self.by_tag.get(t, ()) for t in tags))
             for key in keys:
                 self._remove(key)
@@ -138,6 +180,7 @@ class L1:
     def expire(self, key: str, at: float) -> None:
         """Mark an entry stale as of ``at``: still there for fail-safe and stale serving."""
         with self.lock:
+            self._tombstone(self._tomb_keys, (key,))
             entry = self.data.get(key)
             if entry is not None and entry.stored_at <= at:
                 entry.fresh_until = min(entry.fresh_until, at)
@@ -149,17 +192,23 @@ class L1:
             self.trusted = False
             self._store.clear()
             self.by_tag.clear()
+            self._tombstone(self._tomb_keys, ())
+            self._floor = self.generation
 
     def trust(self) -> None:
         with self.lock:
             self.trusted = True
             self._store.clear()  # kept while deaf: may have missed an invalidation
             self.by_tag.clear()
+            self._tombstone(self._tomb_keys, ())
+            self._floor = self.generation
 
     def clear(self) -> None:
         with self.lock:
             self._store.clear()
             self.by_tag.clear()
+            self._tombstone(self._tomb_keys, ())
+            self._floor = self.generation
 
     @property
     def evictions(self) -> int:

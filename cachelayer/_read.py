@@ -152,7 +152,7 @@ class ReadPath:
         self._stats.load_timeouts += 1
         return LoadTimeoutError(f"load of {key!r} took longer than {opts.hard_timeout}s")
 
-    def _refreshable(self, key: str) -> Flight | None:
+    def _refreshable(self, key: str, entry_tags: tuple[str, ...]) -> Flight | None:
         if self._throttled(key, self._clock()) or key in self._flights:
             return None
         if self._guard.refreshing >= self._guard.refresh_limit:
@@ -160,6 +160,8 @@ class ReadPath:
         flight = self._flights.start_detached(key)
         if flight is not None:
             self._stats.refreshes += 1
+            flight.tags = entry_tags
+            flight.since = self._l1.generation
         return flight
 
     # --- sync -----------------------------------------------------------------------------
@@ -191,7 +193,7 @@ class ReadPath:
     def _refresh_sync(
         self, key: str, loader: Callable[[], Any], opts: Options, entry: Entry, *, early: bool
     ) -> None:
-        flight = self._refreshable(key)
+        flight = self._refreshable(key, opts.tags)
         if flight is not None:
             self._stats.early_refreshes += early
             args = (key, loader, opts, flight, entry)
@@ -211,6 +213,8 @@ class ReadPath:
             self._stats.misses += 1
             flight, leader = self._flights.join(key)
             if leader:
+                flight.tags = opts.tags
+                flight.since = self._l1.generation
                 if opts.soft_timeout is None and opts.hard_timeout is None:
                     self._run_flight_sync(key, loader, opts, flight, None)
                 else:  # the caller must be free to stop waiting
@@ -285,7 +289,7 @@ class ReadPath:
         *,
         early: bool,
     ) -> None:
-        flight = self._refreshable(key)
+        flight = self._refreshable(key, opts.tags)
         if flight is not None:
             self._stats.early_refreshes += early
             flight.loop = asyncio.get_running_loop()
@@ -309,6 +313,8 @@ class ReadPath:
             self._stats.misses += 1
             flight, leader = self._flights.join(key)
             if leader:
+                flight.tags = opts.tags
+                flight.since = self._l1.generation
                 flight.loop = asyncio.get_running_loop()
                 flight.task = flight.loop.create_task(
                     self._run_flight_async(key, loader, opts, flight, None)

@@ -338,15 +338,18 @@ class _Ops:
         return list(self.keys.coordination(key)), args
 
     def queue_change(self, pipe: Any, change: Change) -> None:
-        """Add a change's commands to a pipeline: fenced writes, tag bumps, then the news."""
-        sha = _SHA[WRITE]
+        """Add a change's commands to a pipeline: fenced writes, tag bumps, then the news.
+
+        EVAL, not EVALSHA: a pipeline runs every command even when one fails, so retrying
+        after NOSCRIPT would publish and bump tags twice. The script is a few hundred bytes.
+        """
         for key, data, px in change.written:
             value, _, fence, _ = self.keys.coordination(key)
-            pipe.evalsha(sha, 2, value, fence, "set", data, px, FENCE_PX, change.now)
+            pipe.eval(WRITE, 2, value, fence, "set", data, px, FENCE_PX, change.now)
         for mode, keys in (("del", change.deleted), ("exp", change.expired)):
             for key in keys:
                 value, _, fence, _ = self.keys.coordination(key)
-                pipe.evalsha(sha, 2, value, fence, mode, "", 0, FENCE_PX, change.now)
+                pipe.eval(WRITE, 2, value, fence, mode, "", 0, FENCE_PX, change.now)
         for tag in change.tags:
             pipe.incr(self.keys.tag(tag))
         if change.message is not None:
@@ -408,14 +411,9 @@ class SyncTier(_Ops):
         return self._call("set", self._eval, FILL, keys, args)
 
     def _send_change(self, client: Any, change: Change) -> Any:
-        for _ in range(2):
-            pipe = client.pipeline(transaction=False)
-            self.queue_change(pipe, change)
-            try:
-                return pipe.execute()
-            except NoScriptError:  # a restarted server forgot its scripts
-                client.script_load(WRITE)
-        return None
+        pipe = client.pipeline(transaction=False)
+        self.queue_change(pipe, change)
+        return pipe.execute()
 
     def apply(self, change: Change) -> Any:
         return self._call("invalidate", self._send_change, change)
@@ -466,13 +464,8 @@ class AsyncTier(_Ops):
 
     async def apply(self, change: Change) -> Any:
         async def run(client: Any) -> Any:
-            for _ in range(2):
-                pipe = client.pipeline(transaction=False)
-                self.queue_change(pipe, change)
-                try:
-                    return await pipe.execute()
-                except NoScriptError:
-                    await client.script_load(WRITE)
-            return None
+            pipe = client.pipeline(transaction=False)
+            self.queue_change(pipe, change)
+            return await pipe.execute()
 
         return await self._call("invalidate", run)
