@@ -4,7 +4,7 @@ stored response is answered again (hit, 304, HEAD).
 A stored response is a plain list (msgpack-friendly, cheap to index on the hit path)::
 
     ["R1", status, headers, body, stored_at, lifetime, age0, etag, last_modified,
-     vary_names, vary_values, gen, auth_ok, swr, sie]
+     vary_names, vary_digest, gen, auth_ok, swr, sie]
 
 ``swr`` and ``sie`` are the response's stale-while-revalidate and stale-if-error windows; the
 core keeps the entry for the larger of the two past its freshness.
@@ -46,7 +46,7 @@ PASS_VALUE: list[Any] = [PASS]
     ETAG,
     LAST_MODIFIED,
     VARY_NAMES,
-    VARY_VALUES,
+    VARY_DIGEST,
     GEN,
     AUTH_OK,
     SWR,
@@ -236,7 +236,7 @@ def new_record(plan: Plan, body: bytes, now: float, req: Request, gen: str) -> l
         headers = [*headers, [b"etag", etag]]
     if not any(h[0] == b"content-length" for h in headers) and plan.status not in (204, 304):
         headers = [*headers, [b"content-length", str(len(body)).encode("ascii")]]
-    values = req.vary_values(plan.vary) if plan.vary else []
+    values = req.vary_digest(plan.vary) if plan.vary else ""
     return [
         REC,
         plan.status,
@@ -254,14 +254,6 @@ def new_record(plan: Plan, body: bytes, now: float, req: Request, gen: str) -> l
         plan.swr,
         plan.sie,
     ]
-
-
-def usable(record: list[Any], req: Request) -> bool:
-    """May this stored response answer this request at all (Authorization, Vary)?"""
-    if req.auth and not record[AUTH_OK]:
-        return False
-    names = record[VARY_NAMES]
-    return not names or req.vary_values(names) == record[VARY_VALUES]
 
 
 def not_modified(record: list[Any], req: Request) -> bool:

@@ -9,6 +9,7 @@ read differently, a header that may change the response but is not in the key) i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -113,8 +114,11 @@ class Request:
         raw = name.encode("latin-1")
         return [v for n, v in self.headers if n == raw]
 
-    def vary_values(self, names: Iterable[str]) -> list[str | None]:
-        return [normalise_vary_value(n, self.field(n)) for n in names]
+    def vary_digest(self, names: Iterable[str]) -> str:
+        """This request's normalised values of ``names``, as a digest: what selects a variant,
+        small enough to store whatever a client sends."""
+        values = [normalise_vary_value(n, self.field(n)) for n in names]
+        return hashlib.blake2b(json.dumps(values).encode(), digest_size=16).hexdigest()
 
 
 def match_rule(settings: Settings, path: str) -> Rule:

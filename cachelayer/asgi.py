@@ -21,8 +21,6 @@ app themselves) when the response turns out not to be shareable.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
@@ -47,8 +45,8 @@ from ._http_record import (
     REC,
     SIE,
     SWR,
+    VARY_DIGEST,
     VARY_NAMES,
-    VARY_VALUES,
     answer,
     kind_of,
     remaining,
@@ -197,9 +195,9 @@ class CacheMiddleware:
                 return
             names = value[VARY_NAMES]
             if names:
-                values = req.vary_values(names)
-                if values != value[VARY_VALUES]:
-                    await self._other_variant(req, value, values, receive, send, primary)
+                digest = req.vary_digest(names)
+                if digest != value[VARY_DIGEST]:
+                    await self._other_variant(req, value, digest, receive, send, primary)
                     return
             now = self.clock()
             left = remaining(value, now)
@@ -229,14 +227,14 @@ class CacheMiddleware:
         self,
         req: Request,
         primary: list[Any],
-        values: list[str | None],
+        digest: str,
         receive: Receive,
         send: Send,
         found_as: list[Any] | None,
     ) -> None:
         """The stored response varies on request headers this request has different values
         for: look for (or load) this request's variant under a key of its own."""
-        vkey = None if found_as is not None else self._variant_key(req.key, primary, values)
+        vkey = None if found_as is not None else self._variant_key(req.key, primary, digest)
         if vkey is None:  # too many variants, or a variant that does not match its own key
             await self._forward(req, receive, send, "fwd=vary-miss", store=False)
             return
@@ -248,11 +246,10 @@ class CacheMiddleware:
                 return
         await self._reply(req, value, vkey, primary, receive, send)
 
-    def _variant_key(self, key: str, primary: list[Any], values: list[str | None]) -> str | None:
+    def _variant_key(self, key: str, primary: list[Any], digest: str) -> str | None:
         # The primary entry's generation is in the key: when the URL is invalidated or
         # reloaded, every variant stored under the old generation becomes unreachable.
         url = f"{key}#{primary[GEN]}"
-        digest = hashlib.blake2b(json.dumps(values).encode(), digest_size=16).hexdigest()
         vkey = variant_key(key, f"v{primary[GEN]}.{digest}")
         seen = self._variants.get(url)
         if seen is None:
