@@ -60,7 +60,9 @@ async def generate(
     ``client`` carries the control calls (start, brown-out on and off), apart from the load.
     """
     n = len(arrivals)
-    log = RequestLog([0.0] * n, [DROPPED] * n, [0.0] * n)
+    # Until a request has its outcome it counts as dropped and as slow as a timeout, so one
+    # that never completes can only make the figures worse, never flatter them.
+    log = RequestLog([request_timeout] * n, [DROPPED] * n, [0.0] * n)
     done = [0, 0]  # finished, failed
     t0 = time.monotonic()
     await post(client, "/_surge/start", {"t0": t0})
@@ -96,8 +98,7 @@ async def generate(
             # Everything already due goes out now, in one go: a late wake-up must not
             # spread the backlog over the following instants.
             while i < n and arrivals[i].at <= now:
-                if len(in_flight) >= MAX_IN_FLIGHT:
-                    log.latency[i] = 0.0  # never sent; counted as dropped, not as latency
+                if len(in_flight) >= MAX_IN_FLIGHT:  # not sent: stays dropped in the log
                     done[0] += 1
                     done[1] += 1
                 else:
