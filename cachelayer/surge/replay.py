@@ -181,7 +181,9 @@ async def replay(
             finally:
                 if cached:
                     await asyncio.to_thread(forget_namespace, redis_url, namespace)
-            tail = sc.request_timeout
+            # A served app keeps waiting for a connection after the client gave up, so the
+            # last queries may start up to the later of the two timeouts after the schedule.
+            tail = max(sc.request_timeout, sc.pool_timeout)
             runs.append(summarize(name, arrivals, log, app_metrics, phases, sc.duration, tail))
             runs[-1]["cache_repr"] = app_metrics.get("cache_repr")
     finally:
