@@ -25,6 +25,7 @@ from ._guard import OriginGuard
 from ._invalidate import Batch, Invalidator
 from ._keys import RedisKeys, validate_namespace
 from ._l1 import L1
+from ._observe import NullObserver, Observer
 from ._options import Loaded, Options, check_key
 from ._policy import bound_for_l1, check_jitter, check_seconds, new_entry, redis_px
 from ._read import ReadPath
@@ -81,6 +82,10 @@ class Cache(ReadPath, Invalidator):
         origin_wait: seconds a load waits for a slot before it is shed.
         refresh_limit: most background refreshes at once (default: the limit less a reserve).
 
+    Seeing it:
+        metrics: an observer (``cachelayer.metrics.PrometheusMetrics``) that exports this
+            cache's counters when scraped and times its loads; nothing is counted twice.
+
     Redis trouble:
         strict: raise ``BackendError`` / ``SerializationError`` on Redis trouble or corrupt
             bytes instead of failing open to the loader.
@@ -116,6 +121,7 @@ class Cache(ReadPath, Invalidator):
         origin_limit: int | None = None,
         origin_wait: float = 1.0,
         refresh_limit: int | None = None,
+        metrics: Observer | None = None,
         strict: bool = False,
         redis_timeout: float = 0.25,
         breaker_threshold: int = 3,
@@ -146,8 +152,14 @@ class Cache(ReadPath, Invalidator):
         self._copy = bool(l1_copy)
         self._stats = Stats()
         self._l1 = L1(l1_maxsize, self._clock)
+        if metrics is not None and not isinstance(metrics, Observer):
+            raise ConfigurationError(f"metrics must be a metrics observer, got {metrics!r}")
+        self._observer: Observer = metrics or NullObserver()
         self._guard = OriginGuard(
-            origin_limit, check_seconds("origin_wait", origin_wait, allow_zero=True), refresh_limit
+            origin_limit,
+            check_seconds("origin_wait", origin_wait, allow_zero=True),
+            refresh_limit,
+            self._observer.origin_waited,
         )
         self._throttle = {}
         self._clients = Clients(
@@ -186,6 +198,7 @@ class Cache(ReadPath, Invalidator):
         # With Redis, L1 is trusted only while this process hears invalidations.
         self._l1.trusted = not self._has_l2
         self._l1.degraded_ttl = check_seconds("degraded_l1_ttl", degraded_l1_ttl, allow_zero=True)
+        self._observer.bind(self)  # last: the observer may read anything above
 
     def __repr__(self) -> str:
         tiers = "L1+Redis" if self._has_l2 else "L1"

@@ -174,12 +174,14 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
         )
     cache._stats.loads += 1
     versions = yield from tag_snapshot(cache, opts.tags)  # as of before the load
+    started = time.perf_counter()
     try:
         try:
             value, load_time = yield (LOAD,)
         finally:
             cache._guard.release(background)
     except Exception as exc:
+        cache._observer.load_finished(time.perf_counter() - started, "error")
         cache._guard.record(True)
         cache._stats.load_errors += 1
         yield from _release(flight, key, token, fence)
@@ -188,6 +190,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             return stale, "fail_safe"
         raise
     cache._guard.record(False)
+    cache._observer.load_finished(load_time, "success")
 
     entry = cache._prepare(key, value, load_time, opts)
     if entry.tags != opts.tags:  # the loader chose its tags (Loaded): versions as of now

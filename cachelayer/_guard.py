@@ -18,6 +18,7 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Callable
 
 from .exceptions import ConfigurationError
 
@@ -27,7 +28,13 @@ _ERROR_WEIGHT = 0.1  # EWMA weight of each load outcome: about the last 10-20 lo
 
 
 class OriginGuard:
-    def __init__(self, limit: int | None, wait: float, refresh_limit: int | None) -> None:
+    def __init__(
+        self,
+        limit: int | None,
+        wait: float,
+        refresh_limit: int | None,
+        on_wait: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
         ):
@@ -46,6 +53,7 @@ class OriginGuard:
         self.waited_seconds = 0.0
         self.shed = 0
         self.error_rate = 0.0
+        self.on_wait = on_wait
         self._lock = threading.Lock()
         self._queue: collections.deque[_Waiter] = collections.deque()
 
@@ -100,9 +108,11 @@ class OriginGuard:
             self.waiting += 1
         started = time.monotonic()
         granted = event.wait(self.wait)
+        waited = time.monotonic() - started
+        self.on_wait(waited)
         with self._lock:
             self.waiting -= 1
-            self.waited_seconds += time.monotonic() - started
+            self.waited_seconds += waited
             if not granted:
                 try:
                     self._queue.remove(event)
@@ -139,9 +149,11 @@ class OriginGuard:
                     fut.cancel()
             raise
         finally:
+            waited = time.monotonic() - started
+            self.on_wait(waited)
             with self._lock:
                 self.waiting -= 1
-                self.waited_seconds += time.monotonic() - started
+                self.waited_seconds += waited
         if not granted:
             granted = not self._abandon(entry)  # a grant racing the timeout still counts
             if not granted:
