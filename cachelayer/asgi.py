@@ -205,6 +205,9 @@ class CacheMiddleware:
                 label = f"hit; ttl={int(left)}"
             elif -left < value[SWR]:
                 label = f"fwd=stale; ttl={int(left)}"  # the core is refreshing it meanwhile
+            elif req.only_if_cached:
+                await self._not_cached(send)
+                return
             else:
                 # Kept for stale-if-error only: ask the app, and fall back to it on errors.
                 fallback = value if -left < value[SIE] else None
@@ -213,11 +216,8 @@ class CacheMiddleware:
             start, body = answer(value, req, now, self.status_field(label))
             await send(start)
             await send(body)
-        elif req.only_if_cached:  # RFC 9111 §5.2.1.7: nothing stored to answer with
-            status = self.status_field("fwd=miss; detail=only-if-cached")
-            headers = [(b"cache-status", status)] if status else []
-            await send({"type": "http.response.start", "status": 504, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
+        elif req.only_if_cached:
+            await self._not_cached(send)
         else:
             detail = "; detail=hit-for-miss" if kind == MARK else ""
             label = ("fwd=uri-miss" if primary is None else "fwd=vary-miss") + detail
@@ -318,6 +318,13 @@ class CacheMiddleware:
             exchange.abandon()
             raise
         return value, True
+
+    async def _not_cached(self, send: Send) -> None:
+        """RFC 9111 §5.2.1.7: ``only-if-cached`` and nothing fresh stored to answer with."""
+        status = self.status_field("fwd=miss; detail=only-if-cached")
+        headers = [(b"cache-status", status)] if status else []
+        await send({"type": "http.response.start", "status": 504, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _unavailable(self, send: Send, exc: Exception) -> None:
         overloaded = isinstance(exc, OriginOverloadedError)
