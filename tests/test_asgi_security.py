@@ -384,3 +384,20 @@ def test_no_query_can_spell_the_key_of_a_forwarded_or_variant_entry() -> None:
                 assert "evil.example" not in r.text
 
     run(scenario())
+
+
+def test_an_authorised_waiter_is_not_served_an_anonymous_leaders_page() -> None:
+    origin = Origin({"/me": by_authorization})  # "max-age=60": storable, but not for Authorization
+
+    async def scenario() -> None:
+        async with origin.client() as c:
+            anon, authed = await asyncio.gather(
+                c.get("/me"), c.get("/me", headers={"Authorization": "Bearer X"})
+            )
+            assert anon.text == "page of nobody" and authed.text == "page of Bearer X"
+            assert "authorization" in authed.headers["cache-status"]
+            again = await c.get("/me", headers={"Authorization": "Bearer Y"})
+            assert again.text == "page of Bearer Y"
+        assert origin.n("/me") == 3
+
+    run(scenario())
