@@ -172,8 +172,8 @@ class CacheMiddleware:
             # stream) to fill the entry; the others must not store anything.
             value = await self._lookup(req.key)
         else:
-            value, led = await self._load(req.key, req, None, receive, send)
-            if led:
+            value, done = await self._load(req.key, req, None, receive, send)
+            if done:
                 return
         await self._reply(req, value, req.key, None, receive, send)
 
@@ -241,8 +241,8 @@ class CacheMiddleware:
         if req.head or req.lookup_only or req.only_if_cached:
             value = await self._lookup(vkey)
         else:
-            value, led = await self._load(vkey, req, primary, receive, send)
-            if led:
+            value, done = await self._load(vkey, req, primary, receive, send)
+            if done:
                 return
         await self._reply(req, value, vkey, primary, receive, send)
 
