@@ -29,9 +29,10 @@ def main() -> None:
 
     def on_invalidate(event: Invalidation) -> None:
         if not event.local:
+            arrived = time.time()  # before anything else: this is the delivery time
             version = int(r.get(f"{ns}:db") or 0)
             acked[0] = version
-            r.rpush(f"{ns}:ack:{name}", json.dumps([version, time.time()]))
+            r.rpush(f"{ns}:ack:{name}", json.dumps([version, arrived]))
 
     cache.on_invalidate(on_invalidate)
     cache.get("warm-up")

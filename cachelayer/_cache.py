@@ -89,7 +89,10 @@ class Cache(ReadPath, Invalidator):
     Redis trouble:
         strict: raise ``BackendError`` / ``SerializationError`` on Redis trouble or corrupt
             bytes instead of failing open to the loader.
-        redis_timeout: socket and connect timeout of owned clients, in seconds.
+        redis_timeout: socket and connect timeout of owned clients, in seconds; also how long
+            a call waits for a free pooled connection before failing open.
+        redis_max_connections: connections in each owned client's pool (one sync pool, and
+            one per event loop).
         breaker_threshold, breaker_cooldown: consecutive Redis failures that open the circuit,
             and seconds it stays open before one probe.
 
@@ -124,6 +127,7 @@ class Cache(ReadPath, Invalidator):
         metrics: Observer | None = None,
         strict: bool = False,
         redis_timeout: float = 0.25,
+        redis_max_connections: int = 50,
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
         clock: Callable[[], float] | None = None,
@@ -162,8 +166,18 @@ class Cache(ReadPath, Invalidator):
             self._observer.origin_waited,
         )
         self._throttle = {}
+        if (
+            isinstance(redis_max_connections, bool)
+            or not isinstance(redis_max_connections, int)
+            or redis_max_connections < 1
+        ):
+            raise ConfigurationError(
+                f"redis_max_connections must be an int >= 1, got {redis_max_connections!r}"
+            )
         self._clients = Clients(
-            redis, check_seconds("redis_timeout", redis_timeout, allow_zero=False)
+            redis,
+            check_seconds("redis_timeout", redis_timeout, allow_zero=False),
+            redis_max_connections,
         )
         self._has_l2 = self._clients.enabled
         if (

@@ -264,7 +264,10 @@ def key_builder(fn: Callable[..., Any], key: str | Callable[..., str] | None) ->
     # Like dogpile.cache: a leading self/cls is left out, so one method on two instances of a
     # repository class shares entries (the instance is the connection, not the question).
     skip = 1 if names and names[0] in ("self", "cls") else 0
-    prefix = f"{fn.__module__}.{fn.__qualname__}("
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    if "<lambda>" in name:  # every lambda of a module has one qualname: tell them apart
+        name += f"@{getattr(getattr(fn, '__code__', None), 'co_firstlineno', 0)}"
+    prefix = f"{name}("
     enc = _ENCODERS
 
     def from_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -160,13 +160,15 @@ class Clients:
     is made per running loop (a process may run several, one per thread, or one per test).
     """
 
-    def __init__(self, redis_arg: Any, timeout: float) -> None:
+    def __init__(self, redis_arg: Any, timeout: float, max_connections: int = 50) -> None:
         self.url: str | None = None
         self.sync: redis.Redis | None = None
         self.async_given: redis.asyncio.Redis | None = None
         self._async_owned: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
         self._lock = threading.Lock()
         self._options = _client_options(timeout)
+        self._timeout = timeout
+        self._max_connections = max_connections
         if isinstance(redis_arg, str):
             try:
                 redis.connection.parse_url(redis_arg)  # type: ignore[no-untyped-call]
@@ -201,7 +203,7 @@ class Clients:
                 )
             with self._lock:
                 if self.sync is None:
-                    self.sync = redis.Redis.from_url(self.url, **self._options)
+                    self.sync = redis.Redis.from_pool(self._pool(redis.BlockingConnectionPool))
         return self.sync
 
     def async_client(self) -> redis.asyncio.Redis:
@@ -219,9 +221,18 @@ class Clients:
                 for dead in [lp for lp in self._async_owned if lp.is_closed()]:
                     del self._async_owned[dead]
                 client = self._async_owned.setdefault(
-                    loop, redis.asyncio.Redis.from_url(self.url, **self._options)
+                    loop,
+                    redis.asyncio.Redis.from_pool(self._pool(redis.asyncio.BlockingConnectionPool)),
                 )
         return client
+
+    def _pool(self, kind: Any) -> Any:
+        # A blocking pool: in a surge, more concurrent Redis calls than connections must
+        # queue for one (up to the timeout, then fail open), not fail at once with "Too many
+        # connections" and trip the breaker, as redis-py's default pool does.
+        return kind.from_url(
+            self.url, max_connections=self._max_connections, timeout=self._timeout, **self._options
+        )
 
     def listener_client(self) -> redis.Redis:
         """A sync client for the pub/sub listener thread (any kind of cache may need one)."""

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._cli_invalidate import add_invalidate
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -160,6 +162,7 @@ def _run_surge(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_surge,
+    add_invalidate,
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -219,6 +220,12 @@ def test_another_process_reads_what_one_wrote_through_redis(
     writer = make_cache(redis_url, namespace="shop")
     reader = make_cache(redis_url, namespace="shop")
     api.set(writer, "k", [1, 2])
+    # The write's own invalidation message reaches the reader too; let it land first, so it
+    # does not evict what the reader is about to cache.
+    deadline = time.monotonic() + 5
+    while reader.stats()["invalidations_received"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
     loader = Loader()
     assert api.get_or_load(reader, "k", loader) == [1, 2]
     assert loader.calls == 0
