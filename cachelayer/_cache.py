@@ -214,6 +214,11 @@ class Cache(ReadPath, Invalidator):
         self._l1.degraded_ttl = check_seconds("degraded_l1_ttl", degraded_l1_ttl, allow_zero=True)
         self._observer.bind(self)  # last: the observer may read anything above
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The wall clock this cache's entries are timed with (``time.time`` unless given)."""
+        return self._clock
+
     def __repr__(self) -> str:
         tiers = "L1+Redis" if self._has_l2 else "L1"
         return f"<Cache namespace={self.namespace!r} {tiers} ttl={self._defaults.ttl}>"
@@ -466,6 +471,11 @@ class Cache(ReadPath, Invalidator):
         """The cached value under ``key``; on a miss, ``loader()`` runs once per key across
         concurrent callers (in this process, and with leases across the fleet) and its result
         is stored in both tiers."""
+        entry = self._l1.data.get(key)  # a hit pays for nothing below, options included
+        if entry is not None and self._clock() < entry.l1_fresh:
+            entry.visited = True
+            self._stats.l1_hits += 1
+            return self._value(entry)  # type: ignore[no-any-return]
         opts = self._options(
             ttl,
             stale_ttl,
@@ -549,6 +559,11 @@ class Cache(ReadPath, Invalidator):
         soft_timeout: float | None = None,
         hard_timeout: float | None = None,
     ) -> T:
+        entry = self._l1.data.get(key)  # a hit pays for nothing below, options included
+        if entry is not None and self._clock() < entry.l1_fresh:
+            entry.visited = True
+            self._stats.l1_hits += 1
+            return self._value(entry)  # type: ignore[no-any-return]
         opts = self._options(
             ttl,
             stale_ttl,
