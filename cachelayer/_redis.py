@@ -261,16 +261,12 @@ class Clients:
 
 
 # Redis is the arbiter of "was this key invalidated while I loaded it?": every write, delete
-# or expire bumps the key's fence (a hash: n = counter, x = when it was last expired), every
-# load remembers the counter it read, and its write is refused if the counter moved. Fences
-# outlive any load we would still accept (an hour), then expire.
+# or expire bumps the key's fence, every load remembers the fence it read, and its write is
+# refused if the fence moved. A fence is a plain string "<counter>:<expired-at>" (not a hash)
+# so that a read is one MGET of the value and its fence: a plain command is cheaper than a
+# script on the path every L2 hit takes. Fences outlive any load we would still accept (an
+# hour), then expire.
 FENCE_PX = 3_600_000
-
-# KEYS: value, fence. Returns {envelope, fence counter, expired-at}: one round trip.
-READ = """
-return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'n'),
-        redis.call('HGET', KEYS[2], 'x')}
-"""
 
 # KEYS: lease, wait-flag. ARGV: token, lease ms. Returns {1, 0} when taken, else
 # {0, ms left on the holder's lease}, and flags that someone waits, so the holder publishes.
@@ -285,7 +281,8 @@ return {0, redis.call('PTTL', KEYS[1])}
 # waiters if any. Returns 1 if written.
 FILL = """
 local written = 0
-if ARGV[7] == '1' and (redis.call('HGET', KEYS[3], 'n') or '') == ARGV[4] then
+local fence = redis.call('GET', KEYS[3]) or ''
+if ARGV[7] == '1' and fence == ARGV[4] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   written = 1
 end
@@ -298,15 +295,15 @@ return written
 # explicit write, delete or expire moves the fence, so a load that began before it cannot
 # land after it; an expire also records when, so older envelopes read as stale.
 WRITE = """
+local counter, expired = string.match(redis.call('GET', KEYS[2]) or '0:', '^(%d*):(.*)$')
 if ARGV[1] == 'set' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 elseif ARGV[1] == 'del' then redis.call('DEL', KEYS[1])
-else redis.call('HSET', KEYS[2], 'x', ARGV[5]) end
-redis.call('HINCRBY', KEYS[2], 'n', 1)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+else expired = ARGV[5] end
+redis.call('SET', KEYS[2], (tonumber(counter) or 0) + 1 .. ':' .. (expired or ''), 'PX', ARGV[4])
 return 1
 """
 
-_SHA = {src: hashlib.sha1(src.encode()).hexdigest() for src in (READ, ACQUIRE, FILL, WRITE)}
+_SHA = {src: hashlib.sha1(src.encode()).hexdigest() for src in (ACQUIRE, FILL, WRITE)}
 
 # What a tier returns when Redis could not be asked (failed, or the circuit is open). The
 # flow then stops using Redis for the rest of that request, so one request pays at most one
@@ -376,11 +373,13 @@ def _text(raw: Any) -> str:
 
 
 def _read_result(got: Any) -> Any:
-    """``(envelope bytes or None, fence counter text, expired-at or None)`` or FAILED."""
+    """``(envelope bytes or None, fence text, expired-at or None)`` or FAILED."""
     if got is FAILED:
         return got
-    data, counter, expired = [*list(got), None, None, None][:3]
-    return data, _text(counter), None if expired is None else float(expired)
+    data, fence = got
+    fence = _text(fence)
+    expired = fence.partition(":")[2]
+    return data, fence, float(expired) if expired else None
 
 
 def _versions(got: Any) -> Any:
@@ -408,7 +407,7 @@ class SyncTier(_Ops):
 
     def read(self, key: str) -> Any:
         value, _, fence, _ = self.keys.coordination(key)
-        return _read_result(self._call("get", self._eval, READ, [value, fence], []))
+        return _read_result(self._call("get", lambda c: c.mget(value, fence)))
 
     def tag_versions(self, tags: tuple[str, ...]) -> Any:
         return _versions(self._call("tags", lambda c: c.mget([self.keys.tag(t) for t in tags])))
@@ -455,7 +454,11 @@ class AsyncTier(_Ops):
 
     async def read(self, key: str) -> Any:
         value, _, fence, _ = self.keys.coordination(key)
-        return _read_result(await self._call("get", self._eval, READ, [value, fence], []))
+
+        async def mget(c: Any) -> Any:
+            return await c.mget(value, fence)
+
+        return _read_result(await self._call("get", mget))
 
     async def tag_versions(self, tags: tuple[str, ...]) -> Any:
         async def mget(c: Any) -> Any:
