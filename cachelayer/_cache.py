@@ -29,7 +29,7 @@ from ._observe import NullObserver, Observer
 from ._options import Loaded, Options, check_key
 from ._policy import bound_for_l1, check_jitter, check_seconds, new_entry, redis_px
 from ._read import ReadPath
-from ._redis import AsyncTier, BackendHealth, Clients, SyncTier
+from ._redis import AsyncTier, BackendHealth, Change, Clients, SyncTier
 from ._stats import Stats
 from ._tags import TagVersions
 from .exceptions import ConfigurationError, SerializationError
@@ -340,6 +340,25 @@ class Cache(ReadPath, Invalidator):
             return entry
         return None
 
+    def _local_change(
+        self,
+        keys: list[str],
+        expired: list[str],
+        tags: list[str],
+        batched: bool,
+        written: list[tuple[str, bytes, int]],
+    ) -> Change | None:
+        """Apply an invalidation here; return what to send to Redis (None: nothing, or it
+        joined a batch)."""
+        if batched and self._batched(keys, expired, tags):
+            return None
+        overwritten = [k for k, _, _ in written]
+        self._apply_local(keys + overwritten, expired, tags, self._clock(), self._bus.sender, True)
+        if not self._has_l2:
+            return None
+        self._bus.start()
+        return self._change(keys, expired, tags, written)
+
     def _invalidate_sync(
         self,
         keys: list[str],
@@ -349,14 +368,8 @@ class Cache(ReadPath, Invalidator):
         batched: bool = True,
         written: list[tuple[str, bytes, int]] | None = None,
     ) -> None:
-        if batched and self._batched(keys, expired, tags):
-            return
-        now = self._clock()
-        overwritten = [k for k, _, _ in written or ()]
-        self._apply_local(keys + overwritten, expired, tags, now, self._bus.sender, True)
-        if self._sync_tier is not None:
-            self._bus.start()
-            change = self._change(keys, expired, tags, written or [])
+        change = self._local_change(keys, expired, tags, batched, written or [])
+        if change is not None and self._sync_tier is not None:
             self._sent(change, self._sync_tier.apply(change))
 
     async def _invalidate_async(
@@ -368,14 +381,8 @@ class Cache(ReadPath, Invalidator):
         batched: bool = True,
         written: list[tuple[str, bytes, int]] | None = None,
     ) -> None:
-        if batched and self._batched(keys, expired, tags):
-            return
-        now = self._clock()
-        overwritten = [k for k, _, _ in written or ()]
-        self._apply_local(keys + overwritten, expired, tags, now, self._bus.sender, True)
-        if self._async_tier is not None:
-            self._bus.start()
-            change = self._change(keys, expired, tags, written or [])
+        change = self._local_change(keys, expired, tags, batched, written or [])
+        if change is not None and self._async_tier is not None:
             self._sent(change, await self._async_tier.apply(change))
 
     def _flush_pending(self) -> None:

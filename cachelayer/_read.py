@@ -141,6 +141,12 @@ class ReadPath:
         usable = [e for e in candidates if e is not None and self._duress_allows(e, now)]
         return max(usable, key=lambda e: e.stored_at) if usable else None
 
+    def _settled(self, result: Result, leader: bool) -> tuple[Entry, str | None, bool]:
+        """A flight's result for one of its callers: ``(entry, how, refresh early?)``."""
+        self._stats.coalesced += not leader
+        entry, how = result
+        return entry, how, how is None and self._early(entry, self._clock())
+
     def _delivered(self, entry: Entry, how: str | None) -> Any:
         counter = _STALE_COUNTERS.get(how or "")
         if counter is not None:
@@ -220,12 +226,10 @@ class ReadPath:
                 else:  # the caller must be free to stop waiting
                     args = (key, loader, opts, flight, None)
                     threading.Thread(target=self._run_flight_sync, args=args, daemon=True).start()
-            outcome = self._await_sync(key, flight, opts)
-            kind, result = outcome
+            kind, result = self._await_sync(key, flight, opts)
             if kind == OK:
-                self._stats.coalesced += not leader
-                entry, how = result
-                if how is None and self._early(entry, self._clock()):
+                entry, how, early = self._settled(result, leader)
+                if early:
                     self._refresh_sync(key, loader, opts, entry, early=True)
                 return self._delivered(entry, how)
             if kind == ERROR:
@@ -319,12 +323,10 @@ class ReadPath:
                 flight.task = flight.loop.create_task(
                     self._run_flight_async(key, loader, opts, flight, None)
                 )
-            outcome = await self._await_async(key, flight, opts)
-            kind, result = outcome
+            kind, result = await self._await_async(key, flight, opts)
             if kind == OK:
-                self._stats.coalesced += not leader
-                entry, how = result
-                if how is None and self._early(entry, self._clock()):
+                entry, how, early = self._settled(result, leader)
+                if early:
                     self._refresh_async(key, loader, opts, entry, early=True)
                 return self._delivered(entry, how)
             if kind == ERROR:

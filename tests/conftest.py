@@ -173,6 +173,14 @@ def api(request: pytest.FixtureRequest) -> Iterator[SyncAPI]:
         impl.loop.close()
 
 
+def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
 def subscribed(cache: Cache) -> Cache:
     """Wait until ``cache`` hears invalidations: only then does it keep entries in L1."""
     cache._bus.start()

@@ -11,11 +11,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from conftest import SyncAPI, subscribed
+from conftest import SyncAPI, subscribed, wait_for
 from proxy import Proxy
 
 from cachelayer import BackendError, Cache
@@ -34,13 +33,6 @@ class Versions:
     def __call__(self) -> str:
         self.calls += 1
         return f"v{self.calls}"
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -171,6 +163,7 @@ def test_a_batch_sends_once_on_success_and_nothing_on_failure(
     for i in range(5):
         cache.set(f"k{i}", i)
     sent = cache.stats()["invalidations_sent"]
+
     def rolled_back() -> None:
         with cache.invalidation_batch():
             cache.delete("k0")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import wait_for
 from proxy import Proxy
 
 from cachelayer import BackendError, Cache
@@ -30,13 +31,6 @@ class Counter:
     def __call__(self) -> str:
         self.calls += 1
         return f"loaded-{self.calls}"
-
-
-def wait_for(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def timed(fn: Any) -> tuple[Any, float]:
