@@ -93,12 +93,14 @@ def tag_invalidation(url: str, repeat: int, entries: int) -> None:
     for name, s in samples.items():
         print(f"   {name:24s} {spread(s, 1e-3)}   {statistics.median(s) / base:6.2f}")
     # The same tag with the entries also in this process's L1: dropping them is local work.
-    local = Cache(None, ttl=3600)
+    local = Cache(None, ttl=3600, l1_maxsize=entries + 1)
     for i in range(entries):
         local.set(f"p{i}", i, tags=("big",))
+    assert len(local._l1) == entries
     start = time.perf_counter()
     local.invalidate_tags("big")
     took = time.perf_counter() - start
+    assert len(local._l1) == 0
     print(
         f"   (with {entries:,} of them in this process's L1 too: {took * 1000:.1f} ms, "
         "to drop them from memory)"
