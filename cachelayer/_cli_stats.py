@@ -218,8 +218,8 @@ def render(report: dict[str, Any]) -> str:
     ]
     if server["maxmemory_policy"] == "noeviction":
         lines.append(
-            "  note: with noeviction a full Redis refuses writes; caches usually want "
-            "allkeys-lru or volatile-lru (docs/operations/redis-sizing.md)"
+            "  note: with noeviction a full Redis refuses every cache write; use "
+            "volatile-lru (docs/operations/redis-sizing.md)"
         )
     tags = report["tag_versions"]
     lines += ["", f"tag versions ({len(tags['shown'])} of {tags['count']}, highest first):"]
