@@ -192,7 +192,11 @@ class ReadPath:
             elif not isinstance(exc, Exception):
                 raise
             return
-        self._flights.finish(key, flight, (OK, result))
+        # A refresh that found nothing to do has no fresh value for callers who queued
+        # behind it: they try again (and start, or wait for, a real load).
+        self._flights.finish(
+            key, flight, (CANCELLED, None) if result[1] == "skipped" else (OK, result)
+        )
         if result[1] == "swr":
             self._refresh_sync(key, loader, opts, result[0], early=False)
 
@@ -280,7 +284,11 @@ class ReadPath:
             elif not isinstance(exc, Exception):
                 raise
             return
-        self._flights.finish(key, flight, (OK, result))
+        # A refresh that found nothing to do has no fresh value for callers who queued
+        # behind it: they try again (and start, or wait for, a real load).
+        self._flights.finish(
+            key, flight, (CANCELLED, None) if result[1] == "skipped" else (OK, result)
+        )
         if result[1] == "swr":
             self._refresh_async(key, loader, opts, result[0], early=False)
 
