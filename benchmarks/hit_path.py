@@ -31,6 +31,7 @@ from cachelayer import Cache
 from cachelayer.testing import RedisServer
 
 BASELINE = "cachetools.cached(TTLCache)"
+METERED = "cachelayer sync, L1 hit, PrometheusMetrics"
 Row = tuple[str, list[float]]  # name, seconds per call for each repeat
 
 
@@ -98,18 +99,24 @@ def l1_rows(number: int, repeat: int) -> list[Row]:
         return value
 
     cl_str = cache.cached()(by_str)
-    rows = time_sync(
-        [
-            ("plain call (no cache)", plain),
-            ("functools.lru_cache", lru),
-            ("cachetools.cached(TTLCache)", ttl_cached),
-            ("cachelayer sync, L1 hit (default key)", cl_sync),
-            ("cachelayer sync, L1 hit (template key)", cl_template),
-            ("cachelayer sync, L1 hit (str argument)", lambda _: cl_str("session-42")),
-        ],
-        number,
-        repeat,
-    )
+    cases: list[tuple[str, Callable[[int], Any]]] = [
+        ("plain call (no cache)", plain),
+        ("functools.lru_cache", lru),
+        ("cachetools.cached(TTLCache)", ttl_cached),
+        ("cachelayer sync, L1 hit (default key)", cl_sync),
+        ("cachelayer sync, L1 hit (template key)", cl_template),
+        ("cachelayer sync, L1 hit (str argument)", lambda _: cl_str("session-42")),
+    ]
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from cachelayer.metrics import PrometheusMetrics
+
+        metered = Cache(None, ttl=600, metrics=PrometheusMetrics(CollectorRegistry()))
+        cases.append((METERED, metered.cached()(plain)))
+    except ImportError:
+        print("prometheus-client not installed: the metrics row is skipped", file=sys.stderr)
+    rows = time_sync(cases, number, repeat)
 
     async def aplain(x: int) -> Any:
         return value
@@ -186,6 +193,8 @@ def main() -> None:
         ("sync L1 hit / cachetools.cached(TTLCache)", hit / med[BASELINE], 0.6),
         ("async L1 hit, in us", async_hit / 1e-6, 1.0),
     ]
+    if METERED in med:  # counting is the core's anyway: metrics must add at most 10%
+        targets.append(("L1 hit with PrometheusMetrics / without", med[METERED] / hit, 1.10))
     for peer in ("aiocache @cached (memory)", "cashews @cache (mem://)"):
         if peer in med:
             targets.append((f"async L1 hit / {peer}", async_hit / med[peer], 1 / 20))
