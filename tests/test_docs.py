@@ -130,6 +130,18 @@ def test_the_dashboard_names_only_exported_metrics() -> None:
             assert exported(name), f"dashboard: {name} is not exported"
 
 
+def test_the_dashboard_has_the_issue_s_panels() -> None:
+    board = json.loads((OPS / "dashboard.json").read_text())
+    titles = {panel["title"] for panel in board["panels"]}
+    assert {
+        "Hit ratio per tier",
+        "DB queries saved vs made",
+        "Loads in flight vs origin limit",
+        "Stale served and loads shed",
+        "Load latency (database)",
+    } <= titles
+
+
 def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
