@@ -1,6 +1,8 @@
 """The ``cachelayer`` command.
 
     cachelayer surge [--duration S] [--rate R] [--pool-size N] [--keys K] [--ttl S] ...
+    cachelayer invalidate --redis URL --namespace NS (--key K | --tag T) ... [--expire]
+    cachelayer stats --redis URL --namespace NS
 
 Each subcommand registers its arguments with an ``add_<name>`` function and runs through a
 handler that imports what it needs only when called, so ``cachelayer --help`` (and
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._cli_invalidate import add_invalidate
+from ._cli_stats import add_stats
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -163,6 +166,7 @@ def _run_surge(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_surge,
     add_invalidate,
+    add_stats,
 ]
 
 
