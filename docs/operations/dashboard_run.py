@@ -237,9 +237,14 @@ def main() -> int:
     last = scrapes[-1]
     saved = sum(v for (n, _), v in last.items() if n == "cachelayer_loads_saved_total")
     loads = sum(
-        v for (n, lab), v in last.items() if n == "cachelayer_loads_total" and "outcome=s" in lab
+        v
+        for (n, lab), v in last.items()
+        if n == "cachelayer_loads_total" and lab in ("outcome=success", "outcome=error")
     )
-    print(f"wrote {args.out}: {len(times)} scrapes; loads saved {saved:.0f}, loads {loads:.0f}")
+    print(f"wrote {args.out}: {len(times)} scrapes; loads saved {saved:.0f}, made {loads:.0f}")
+    for (name, labels), v in sorted(last.items()):
+        if name in ("cachelayer_stale_served_total", "cachelayer_loads_total"):
+            print(f"  {name}{{{labels}}} {v:.0f}")
     return 0
 
 
