@@ -79,8 +79,8 @@ class Bus:
                     elif message["type"] == "message":
                         self._dispatch(message["data"])
             except Exception as exc:  # redis-py raises more than RedisError when a socket dies
-                if self.ready.is_set():
-                    log.warning("cachelayer: lost the invalidation/fill subscription: %s", exc)
+                if self.ready.is_set():  # the cache's handler logs the state change
+                    log.debug("cachelayer: lost the subscription to %s: %r", self.channel, exc)
                     self.ready.clear()
                     self._emit("unsubscribed", "", None)
                 self._stop.wait(delay)

@@ -209,6 +209,7 @@ class Cache(ReadPath, Invalidator):
         self._tag_versions = TagVersions(authoritative=not self._has_l2)
         self._callbacks = []
         self._pending = {}
+        self._warned: dict[str, set[str]] = {}
         # With Redis, L1 is trusted only while this process hears invalidations.
         self._l1.trusted = not self._has_l2
         self._l1.degraded_ttl = check_seconds("degraded_l1_ttl", degraded_l1_ttl, allow_zero=True)
@@ -257,7 +258,7 @@ class Cache(ReadPath, Invalidator):
             return unpack_entry(data)
         except CorruptEntryError as exc:
             self._stats.corrupt_entries += 1
-            log.warning("cachelayer: treating undecodable bytes under %r as a miss: %s", key, exc)
+            self._warn_once("corrupt_entry", key, "treating undecodable bytes as a miss", exc)
             if self._strict:
                 raise SerializationError(
                     f"corrupt entry under key {key!r}: {exc}", key=key
@@ -290,7 +291,7 @@ class Cache(ReadPath, Invalidator):
                 payload = encode_value(value, key)
             except SerializationError as exc:
                 self._stats.serialization_errors += 1
-                log.warning("cachelayer: not caching the value loaded for %r: %s", key, exc)
+                self._warn_once("serialization_failed", key, "not caching the loaded value", exc)
         if payload is None:
             return Entry(value, None, now, now, now, load_time, opts.tags)
         return self._new_entry(value, payload, now, load_time, opts)
@@ -320,6 +321,24 @@ class Cache(ReadPath, Invalidator):
         else:
             entry.payload = None
         self._l1.put(key, entry, self._tags_hold, since)
+
+    def _warn_once(self, event: str, key: str, what: str, detail: object) -> None:
+        """One WARNING per key and kind of trouble (then DEBUG): a value that cannot be
+        stored, or garbage under a key, would otherwise log on every request."""
+        seen = self._warned.setdefault(event, set())
+        if key in seen:
+            log.debug("cachelayer: %s for %r: %s", what, key, detail)
+            return
+        if len(seen) >= 1000:
+            seen.clear()
+        seen.add(key)
+        log.warning(
+            "cachelayer: %s for %r: %s (further occurrences for this key at DEBUG)",
+            what,
+            key,
+            detail,
+            extra={"event": event, "key": key},
+        )
 
     def _tags_hold(self, entry: Entry) -> bool:
         return self._tag_versions.current(entry.tags, entry.tag_versions)

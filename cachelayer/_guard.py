@@ -176,7 +176,7 @@ class OriginGuard:
             "loads_in_flight": self.in_use,
             "origin_waiting": self.waiting,
             "origin_wait_seconds": self.waited_seconds,
-            "loads_shed": self.shed,
+            "origin_refused": self.shed,  # every refused slot, served stale or raised
             "refreshes_in_flight": self.refreshing,
             "load_error_rate": round(self.error_rate, 4),
         }

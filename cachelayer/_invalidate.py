@@ -175,7 +175,11 @@ class Invalidator:
         elif kind == "subscribed":
             self._tag_versions.clear()  # what we knew may have moved while we were deaf
             self._l1.trust()
-            log.info("cachelayer: subscribed to %s; L1 in use", self._bus.channel)
+            log.info(
+                "cachelayer: subscribed to %s; L1 in use",
+                self._bus.channel,
+                extra={"event": "subscribed"},
+            )
             self._flush_pending()
         elif kind == "unsubscribed":
             self._l1.distrust()
@@ -185,6 +189,7 @@ class Invalidator:
                 "cachelayer: not subscribed to invalidations; L1 cleared, and kept at most "
                 "%.1fs per entry until subscribed again",
                 self._l1.degraded_ttl,
+                extra={"event": "subscription_lost"},
             )
 
     def _change(

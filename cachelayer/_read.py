@@ -64,6 +64,9 @@ class ReadPath:
         _copy: bool
         _has_l2: bool
         _rng: Any
+
+        def _warn_once(self, event: str, key: str, what: str, detail: object) -> None: ...
+
         _sync_tier: SyncTier | None
         _async_tier: AsyncTier | None
 
@@ -94,14 +97,18 @@ class ReadPath:
 
     def _engage_fail_safe(self, key: str, exc: BaseException) -> None:
         now = self._clock()
-        if not self._throttled(key, now):
+        if not any(until > now for until in self._throttle.values()):
+            # A state change (no key was in fail-safe): one line, not one per key.
             log.warning(
-                "cachelayer: fail-safe engaged for %r: serving stale for %.1fs after %s: %s",
+                "cachelayer: fail-safe engaged (first key %r): stale for %.1fs after %s: %s",
                 key,
                 self._throttle_seconds,
                 type(exc).__name__,
                 exc,
+                extra={"event": "fail_safe_engaged"},
             )
+        elif not self._throttled(key, now):
+            log.debug("cachelayer: fail-safe also engaged for %r: %r", key, exc)
         if len(self._throttle) > 10_000:
             self._throttle = {k: t for k, t in self._throttle.items() if t > now}
         self._throttle[key] = now + self._throttle_seconds
@@ -143,8 +150,10 @@ class ReadPath:
 
     def _settled(self, result: Result, leader: bool) -> tuple[Entry, str | None, bool]:
         """A flight's result for one of its callers: ``(entry, how, refresh early?)``."""
-        self._stats.coalesced += not leader
         entry, how = result
+        # A waiter handed a stale value was served by fail-safe or grace, not by the load:
+        # it is counted there (stale_*), not here, so nothing is counted twice.
+        self._stats.coalesced += not leader and how in (None, "fleet")
         return entry, how, how is None and self._early(entry, self._clock())
 
     def _delivered(self, entry: Entry, how: str | None) -> Any:
@@ -188,7 +197,7 @@ class ReadPath:
                 self._sync_tier.fill(key, b"", 0, *flight.lease, False)  # let others take over now
             self._flights.finish(key, flight, Flights.classify(exc))
             if refresh_of is not None and isinstance(exc, Exception):
-                log.warning("cachelayer: background refresh of %r failed: %r", key, exc)
+                self._warn_once("refresh_failed", key, "background refresh failed", repr(exc))
             elif not isinstance(exc, Exception):
                 raise
             return
@@ -280,7 +289,7 @@ class ReadPath:
                     pass
             self._flights.finish(key, flight, Flights.classify(exc))
             if refresh_of is not None and isinstance(exc, Exception):
-                log.warning("cachelayer: background refresh of %r failed: %r", key, exc)
+                self._warn_once("refresh_failed", key, "background refresh failed", repr(exc))
             elif not isinstance(exc, Exception):
                 raise
             return

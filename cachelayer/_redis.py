@@ -121,10 +121,16 @@ class BackendHealth:
                 self.probing = False
                 if self.open_until:
                     self.open_until = 0.0
-                    log.info("cachelayer: circuit closed; redis answers again")
+                    log.info(
+                        "cachelayer: circuit closed; redis answers again",
+                        extra={"event": "circuit_closed"},
+                    )
                 if not self.healthy:
                     self.healthy = True
-                    log.info("cachelayer: redis reachable again; L2 back in use")
+                    log.info(
+                        "cachelayer: redis reachable again; L2 back in use",
+                        extra={"event": "redis_reachable"},
+                    )
 
     def failed(self, op: str, exc: BaseException) -> None:
         self.stats.backend_errors += 1
@@ -139,6 +145,7 @@ class BackendHealth:
                         "serving from L1 and the loader",
                         self.cooldown,
                         self.failures,
+                        extra={"event": "circuit_open"},
                     )
                 self.open_until = self.clock() + self.cooldown
             if self.healthy:
@@ -148,6 +155,7 @@ class BackendHealth:
                     op,
                     type(exc).__name__,
                     exc,
+                    extra={"event": "redis_unreachable", "op": op},
                 )
         if self.strict:
             raise BackendError(f"redis {op} failed: {exc}") from exc

@@ -341,7 +341,7 @@ def _fill(families: dict[str, Any], bound: _Bound, s: dict[str, Any]) -> None:
     loads.add_metric([cache, "success"], bound.successes)
     loads.add_metric([cache, "error"], s["load_errors"])
     loads.add_metric([cache, "timeout"], s["load_timeouts"])
-    loads.add_metric([cache, "shed"], s["loads_shed"])
+    loads.add_metric([cache, "shed"], s["origin_refused"])
     families["coalesced"].add_metric([cache, "local"], s["coalesced"])
     families["coalesced"].add_metric([cache, "fleet"], s["fleet_coalesced"])
     for reason in _STALE_REASONS:
