@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,7 @@ class Bus:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pubsub: Any = None
+        self._complained = False
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -67,13 +69,18 @@ class Bus:
             try:
                 self._pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
                 self._pubsub.subscribe(self.channel)
+                next_tick = time.monotonic() + 1.0
                 while not self._stop.is_set():
                     # Short, so close() is prompt; an idle wake-up costs microseconds.
                     message = self._pubsub.get_message(timeout=0.1)
+                    if time.monotonic() >= next_tick:  # housekeeping: retry queued work
+                        next_tick = time.monotonic() + 1.0
+                        self._emit("tick", "", None)
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
                         delay = 0.05
+                        self._complained = False
                         self._emit("subscribed", "", None)  # handlers first: then "ready"
                         self.ready.set()
                     elif message["type"] == "message":
@@ -83,6 +90,16 @@ class Bus:
                     log.debug("cachelayer: lost the subscription to %s: %r", self.channel, exc)
                     self.ready.clear()
                     self._emit("unsubscribed", "", None)
+                elif not self._complained:  # never subscribed: say so once, and why
+                    self._complained = True
+                    log.warning(
+                        "cachelayer: cannot subscribe to %s (%s: %s); invalidations from other "
+                        "processes cannot reach this one until it can",
+                        self.channel,
+                        type(exc).__name__,
+                        exc,
+                        extra={"event": "subscription_failed"},
+                    )
                 self._stop.wait(delay)
                 delay = min(delay * 2, _RECONNECT_MAX)
             finally:

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
@@ -209,6 +210,7 @@ class Cache(ReadPath, Invalidator):
         self._tag_versions = TagVersions(authoritative=not self._has_l2)
         self._callbacks = []
         self._pending = {}
+        self._pending_lock = threading.Lock()
         self._warned: dict[str, set[str]] = {}
         # With Redis, L1 is trusted only while this process hears invalidations.
         self._l1.trusted = not self._has_l2
@@ -378,6 +380,19 @@ class Cache(ReadPath, Invalidator):
         self._bus.start()
         return self._change(keys, expired, tags, written)
 
+    def _reapply_local(self, change: Change) -> None:
+        """Sweep L1 again once Redis has the change: a reader here that started after the
+        first sweep could have found the old value still in Redis and kept it. (The echo of
+        our own message is ignored, so nothing else would sweep it.) Written keys are left to
+        ``set``, which keeps its new entry over whatever such a reader put there."""
+        for key in change.deleted:
+            self._l1.discard(key)
+        for key in change.expired:
+            self._l1.expire(key, change.now)
+        if change.tags:
+            self._tag_versions.forget(change.tags)
+            self._l1.drop_tags(change.tags)
+
     def _invalidate_sync(
         self,
         keys: list[str],
@@ -386,10 +401,15 @@ class Cache(ReadPath, Invalidator):
         *,
         batched: bool = True,
         written: list[tuple[str, bytes, int]] | None = None,
-    ) -> None:
+    ) -> int:
+        """Invalidate here and in Redis; returns L1's generation right after the local
+        part (``set`` keeps its entry only if no other invalidation came after it)."""
         change = self._local_change(keys, expired, tags, batched, written or [])
+        since = self._l1.generation
         if change is not None and self._sync_tier is not None:
             self._sent(change, self._sync_tier.apply(change))
+            self._reapply_local(change)
+        return since
 
     async def _invalidate_async(
         self,
@@ -399,14 +419,17 @@ class Cache(ReadPath, Invalidator):
         *,
         batched: bool = True,
         written: list[tuple[str, bytes, int]] | None = None,
-    ) -> None:
+    ) -> int:
         change = self._local_change(keys, expired, tags, batched, written or [])
+        since = self._l1.generation
         if change is not None and self._async_tier is not None:
             self._sent(change, await self._async_tier.apply(change))
+            self._reapply_local(change)
+        return since
 
     def _flush_pending(self) -> None:
         """Send queued invalidations from the listener thread once Redis is back."""
-        if self._pending and self._sync_tier is not None:
+        if self._pending and self._sync_tier is not None and self._health.available():
             change = self._change([], [], [], [])
             self._sent(change, self._sync_tier.apply_with(self._clients.listener_client(), change))
 
@@ -445,8 +468,9 @@ class Cache(ReadPath, Invalidator):
                 return
             entry.tag_versions = versions
             data = pack_entry(entry)
-        self._invalidate_sync([], [], [], batched=False, written=[(key, data, px)])
-        self._keep(key, entry)
+        since = self._invalidate_sync([], [], [], batched=False, written=[(key, data, px)])
+        # Kept only if no invalidation of the key arrived since our own write went out.
+        self._keep(key, entry, None, since)
 
     def delete(self, *keys: str) -> None:
         """Remove entries from L1 and Redis, in every process; loads of them already running
@@ -555,8 +579,8 @@ class Cache(ReadPath, Invalidator):
                 return
             entry.tag_versions = versions
             data = pack_entry(entry)
-        await self._invalidate_async([], [], [], batched=False, written=[(key, data, px)])
-        self._keep(key, entry)
+        since = await self._invalidate_async([], [], [], batched=False, written=[(key, data, px)])
+        self._keep(key, entry, None, since)
 
     async def adelete(self, *keys: str) -> None:
         await self.ainvalidate(keys=keys)

@@ -55,12 +55,17 @@ def _newer(a: Entry | None, b: Entry | None) -> Entry | None:
     return a if b is None or a.stored_at >= b.stored_at else b
 
 
-def tag_snapshot(cache: Cache, tags: tuple[str, ...]) -> Generator[Op, Any, tuple[int, ...] | None]:
-    """The current versions of ``tags``: known here, or asked of Redis (None if it fails)."""
+def tag_snapshot(
+    cache: Cache, tags: tuple[str, ...], use_redis: bool = True
+) -> Generator[Op, Any, tuple[int, ...] | None]:
+    """The current versions of ``tags``: known here, or asked of Redis (None if it fails, or
+    if this request already stopped using Redis)."""
     versions = cache._tag_versions
     known = versions.known(tags)
     if known is not None or not tags:
         return known or ()
+    if not use_redis:
+        return None
     generation = versions.generation
     got = yield (TAGS, tags)
     if got is FAILED:
@@ -160,6 +165,9 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             # The holder died or gave up: its lease expired with nothing to show. Race for
             # the lease again; exactly one waiter wins it, the rest go back to waiting.
 
+    # Tag versions as of before the load, and before taking a slot: nothing between the
+    # slot and its release may be left half-done by a cancellation.
+    versions = yield from tag_snapshot(cache, opts.tags, use_redis)
     background = refresh_of is not None
     if not (yield (SLOT, background)):
         yield from _release(flight, key, token, fence)  # hand the lease on
@@ -173,7 +181,6 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             f"({cache._guard.limit} loads already running)"
         )
     cache._stats.loads += 1
-    versions = yield from tag_snapshot(cache, opts.tags)  # as of before the load
     started = time.perf_counter()
     try:
         try:
@@ -194,7 +201,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
 
     entry = cache._prepare(key, value, load_time, opts)
     if entry.tags != opts.tags:  # the loader chose its tags (Loaded): versions as of now
-        versions = yield from tag_snapshot(cache, entry.tags)
+        versions = yield from tag_snapshot(cache, entry.tags, use_redis)
     if versions is None:  # tag versions unknown: the entry could never be checked
         entry.payload = None
     entry.tag_versions = versions or ()
@@ -284,10 +291,12 @@ async def drive_async(
                 elif code == WAIT:
                     _, key, (_, fut), seconds = op
                     ready = cache._bus.ready.is_set()
-                    done, _ = await asyncio.wait(
-                        (fut,), timeout=seconds if ready else min(seconds, _POLL)
-                    )
-                    cache._bus.forget(key, op[2])
+                    try:
+                        done, _ = await asyncio.wait(
+                            (fut,), timeout=seconds if ready else min(seconds, _POLL)
+                        )
+                    finally:  # cancelled too: leave no waiter registered behind
+                        cache._bus.forget(key, op[2])
                     result = "woken" if done else "expired" if ready or seconds <= _POLL else "poll"
                 elif code == FILL:
                     result = await tier.fill(*op[1:])  # type: ignore[union-attr]

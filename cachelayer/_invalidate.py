@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -127,6 +128,7 @@ class Invalidator:
 
     _callbacks: list[Callable[[Invalidation], Any]]
     _pending: dict[tuple[str, str], None]
+    _pending_lock: threading.Lock
 
     def on_invalidate(
         self, callback: Callable[[Invalidation], Any]
@@ -173,7 +175,7 @@ class Invalidator:
             except (TypeError, ValueError) as exc:
                 log.debug("cachelayer: ignoring a malformed invalidation: %r", exc)
         elif kind == "subscribed":
-            self._tag_versions.clear()  # what we knew may have moved while we were deaf
+            self._tag_versions.clear(listening=True)  # what we knew may have moved meanwhile
             self._l1.trust()
             log.info(
                 "cachelayer: subscribed to %s; L1 in use",
@@ -181,9 +183,11 @@ class Invalidator:
                 extra={"event": "subscribed"},
             )
             self._flush_pending()
+        elif kind == "tick" and self._pending:  # retry what Redis missed, once a second
+            self._flush_pending()
         elif kind == "unsubscribed":
             self._l1.distrust()
-            self._tag_versions.clear()
+            self._tag_versions.clear(listening=False)
             self._stats.subscription_losses += 1
             log.warning(
                 "cachelayer: not subscribed to invalidations; L1 cleared, and kept at most "
@@ -202,7 +206,8 @@ class Invalidator:
         """The change to send, with whatever earlier changes are still pending."""
         change = Change(self._clock())
         change.written = written
-        pending, self._pending = self._pending, {}
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
         change.deleted = list(dict.fromkeys([*(k for kind, k in pending if kind == "d"), *keys]))
         change.expired = list(dict.fromkeys([*(k for kind, k in pending if kind == "x"), *expired]))
         change.tags = list(dict.fromkeys([*(k for kind, k in pending if kind == "t"), *tags]))
@@ -215,19 +220,25 @@ class Invalidator:
         if result is not FAILED:
             self._stats.invalidations_sent += 1
             return
-        for kind, items in (("d", change.deleted), ("x", change.expired), ("t", change.tags)):
-            for item in items:
-                self._pending[(kind, item)] = None
-        while len(self._pending) > MAX_PENDING:
-            dropped = next(iter(self._pending))
-            del self._pending[dropped]
-            log.error(
-                "cachelayer: invalidation queue full; dropped %r (l1_ttl bounds the damage)",
-                dropped,
-            )
+        # A write Redis may not have taken is retried as a delete: other processes then drop
+        # their copy and reload, which is right whichever value Redis ended up with.
+        overwritten = [k for k, _, _ in change.written]
+        with self._pending_lock:
+            for kind, items in (
+                ("d", [*change.deleted, *overwritten]),
+                ("x", change.expired),
+                ("t", change.tags),
+            ):
+                for item in items:
+                    self._pending[(kind, item)] = None
+            while len(self._pending) > MAX_PENDING:
+                dropped = next(iter(self._pending))
+                del self._pending[dropped]
+                log.error("cachelayer: invalidation queue full; dropped %r", dropped)
+            queued = len(self._pending)
         log.warning(
             "cachelayer: redis did not take an invalidation; applied locally, %d queued for retry",
-            len(self._pending),
+            queued,
         )
 
     @staticmethod

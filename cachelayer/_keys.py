@@ -44,7 +44,8 @@ def storage_key(key: str) -> str:
     hash tag early.
     """
     plain = len(key) <= MAX_PLAIN_KEY and key.isascii() and key.isprintable()
-    if plain and "{" not in key and "}" not in key:
+    # '#' marks a digest: a plain key holding one could spell another key's digest form.
+    if plain and "{" not in key and "}" not in key and "#" not in key:
         return key
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
     readable = "".join(c if c in _SAFE else "_" for c in key[:_PREFIX_KEEP])

@@ -132,6 +132,14 @@ class BackendHealth:
                         extra={"event": "redis_reachable"},
                     )
 
+    def abandoned(self) -> None:
+        """A call ended without an answer (cancelled, or an unexpected error). If it was the
+        half-open probe, let the next call probe instead of leaving the circuit open for
+        good."""
+        if self.probing:
+            with self._lock:
+                self.probing = False
+
     def failed(self, op: str, exc: BaseException) -> None:
         self.stats.backend_errors += 1
         with self._lock:
@@ -247,8 +255,18 @@ class Clients:
         if self.async_given is None:
             return self.sync_client()
         kw = self.async_given.connection_pool.connection_kwargs
-        keep = ("host", "port", "db", "username", "password", "socket_connect_timeout")
-        return redis.Redis(**{k: kw[k] for k in keep if k in kw}, **self._options)
+        keep = ("host", "port", "db", "username", "password")
+        params: dict[str, Any] = {k: kw[k] for k in keep if k in kw}
+        if "path" in kw:  # a unix socket
+            params = {
+                "unix_socket_path": kw["path"],
+                **{k: params[k] for k in params if k != "port"},
+            }
+        connection_class = self.async_given.connection_pool.connection_class
+        if "ssl" in connection_class.__name__.lower():
+            params["ssl"] = True
+        params.update(self._options)  # our timeouts win over the copied ones
+        return redis.Redis(**params)
 
     def close(self) -> None:
         """Close the owned sync client (clients given to the cache belong to the caller)."""
@@ -386,8 +404,11 @@ def _read_result(got: Any) -> Any:
         return got
     data, fence = got
     fence = _text(fence)
-    expired = fence.partition(":")[2]
-    return data, fence, float(expired) if expired else None
+    try:
+        expired = float(fence.partition(":")[2] or "nan")
+    except ValueError:  # not a fence we wrote: no expiry to honour
+        expired = float("nan")
+    return data, fence, None if expired != expired else expired
 
 
 def _versions(got: Any) -> Any:
@@ -403,6 +424,9 @@ class SyncTier(_Ops):
         except BACKEND_ERRORS as exc:
             self.health.failed(op, exc)
             return FAILED
+        except BaseException:
+            self.health.abandoned()
+            raise
         self.health.ok()
         return result
 
@@ -450,6 +474,9 @@ class AsyncTier(_Ops):
         except BACKEND_ERRORS as exc:
             self.health.failed(op, exc)
             return FAILED
+        except BaseException:  # cancelled mid-call: neither a success nor a failure
+            self.health.abandoned()
+            raise
         self.health.ok()
         return result
 

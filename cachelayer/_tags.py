@@ -17,10 +17,14 @@ import threading
 
 
 class TagVersions:
-    __slots__ = ("_known", "_lock", "authoritative", "generation")
+    __slots__ = ("_known", "_lock", "authoritative", "generation", "listening")
 
     def __init__(self, authoritative: bool) -> None:
         self.authoritative = authoritative
+        # Versions are remembered only while invalidation messages can reach us: a process
+        # that cannot hear them must ask Redis every time, or it would trust a version that
+        # has since moved.
+        self.listening = authoritative
         self.generation = 0
         self._known: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -30,6 +34,8 @@ class TagVersions:
         known = self._known
         if self.authoritative:
             return tuple(known.get(t, 0) for t in tags)
+        if not self.listening:
+            return None
         try:
             return tuple(known[t] for t in tags)
         except KeyError:
@@ -37,7 +43,7 @@ class TagVersions:
 
     def learn(self, tags: tuple[str, ...], versions: list[int], generation: int) -> bool:
         with self._lock:
-            if generation != self.generation:
+            if generation != self.generation or not self.listening:
                 return False
             self._known.update(zip(tags, versions, strict=True))
             return True
@@ -51,12 +57,14 @@ class TagVersions:
                 else:
                     self._known.pop(tag, None)
 
-    def clear(self) -> None:
-        """Forget everything (the subscription that kept us current was lost)."""
+    def clear(self, listening: bool) -> None:
+        """Forget everything: the subscription that kept us current was lost (``listening``
+        False), or is new and we may have missed messages before it."""
         with self._lock:
             self.generation += 1
             if not self.authoritative:
                 self._known.clear()
+                self.listening = listening
 
     def current(self, tags: tuple[str, ...], versions: tuple[int, ...]) -> bool:
         """Do these versions (an entry's snapshot) still hold?"""
