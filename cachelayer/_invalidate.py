@@ -123,6 +123,7 @@ class Invalidator:
         _throttle: dict[str, float]
         _clock: Callable[[], float]
         _has_l2: bool
+        _health: Any
 
         def _flush_pending(self) -> None: ...
 
@@ -176,6 +177,7 @@ class Invalidator:
                 log.debug("cachelayer: ignoring a malformed invalidation: %r", exc)
         elif kind == "subscribed":
             self._tag_versions.clear(listening=True)  # what we knew may have moved meanwhile
+            self._health.ok()  # the listener just talked to Redis: no need to wait the cool-down
             self._l1.trust()
             log.info(
                 "cachelayer: subscribed to %s; L1 in use",

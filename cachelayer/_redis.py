@@ -132,6 +132,12 @@ class BackendHealth:
                         extra={"event": "redis_reachable"},
                     )
 
+    def skipped(self, op: str) -> Any:
+        """A call not made because the circuit is open: fail open, or raise if strict."""
+        if self.strict:
+            raise BackendError(f"redis {op} not attempted: the circuit is open")
+        return FAILED
+
     def abandoned(self) -> None:
         """A call ended without an answer (cancelled, or an unexpected error). If it was the
         half-open probe, let the next call probe instead of leaving the circuit open for
@@ -418,7 +424,7 @@ def _versions(got: Any) -> Any:
 class SyncTier(_Ops):
     def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.health.available():
-            return FAILED
+            return self.health.skipped(op)
         try:
             result = fn(self.clients.sync_client(), *args)
         except BACKEND_ERRORS as exc:
@@ -468,7 +474,7 @@ class SyncTier(_Ops):
 class AsyncTier(_Ops):
     async def _call(self, op: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if not self.health.available():
-            return FAILED
+            return self.health.skipped(op)
         try:
             result = await fn(self.clients.async_client(), *args)
         except BACKEND_ERRORS as exc:

@@ -8,13 +8,13 @@ import time
 import pytest
 import redis
 import redis.asyncio
+from conftest import subscribed, wait_for
+from proxy import Proxy
 
 from cachelayer import Cache
 from cachelayer._keys import storage_key
 from cachelayer._tags import TagVersions
 from cachelayer.testing import FakeClock, RedisServer
-from conftest import subscribed, wait_for
-from proxy import Proxy
 
 pytestmark = pytest.mark.redis
 
@@ -115,3 +115,15 @@ def test_a_plain_key_cannot_spell_another_keys_digest() -> None:
     forged = storage_key(long_key)
     assert "#" in forged
     assert storage_key(forged) != forged
+
+
+def test_a_strict_cache_raises_while_the_circuit_is_open(own_redis: RedisServer) -> None:
+    from cachelayer import BackendError
+
+    cache = Cache(own_redis.url, strict=True, breaker_threshold=1, redis_timeout=0.2)
+    own_redis.stop()
+    with pytest.raises(BackendError):
+        cache.get("k")  # fails, and opens the circuit
+    with pytest.raises(BackendError, match="circuit is open"):
+        cache.set("k", 1)  # not attempted, but strict callers are still told
+    cache.close()
