@@ -89,7 +89,9 @@ def test_expire_keeps_entries_for_stale_serving_but_not_as_fresh(
     assert api.get(a, "k") is None  # not fresh any more...
     assert api.get_or_load(b, "k", load) == "v1"  # ...but served stale while it refreshes
     api.settle(b)
-    assert api.get_or_load(b, "k", load) == "v2"
+    # The refresh replaced it. (Polled: a refresh that hits a transient Redis error is simply
+    # retried by the next stale read, which is the behaviour, not a failure.)
+    wait_for(lambda: api.get_or_load(b, "k", load) == "v2")
 
 
 def test_an_invalidated_tag_wins_over_a_load_that_was_running(redis_url: str) -> None:
