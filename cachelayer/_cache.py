@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._bus import Bus
+from ._clients import Clients
 from ._codec import CorruptEntryError, Entry, encode_value, pack_entry, unpack_entry
 from ._flight import Flights
 from ._flow import drive_async, drive_sync, lookup, tag_snapshot
@@ -27,10 +28,10 @@ from ._invalidate import Batch, Invalidator
 from ._keys import RedisKeys, validate_namespace
 from ._l1 import L1
 from ._observe import NullObserver, Observer
-from ._options import Loaded, Options, check_key
+from ._options import Loaded, Options, check_count, check_key
 from ._policy import bound_for_l1, check_jitter, check_seconds, new_entry, redis_px
 from ._read import ReadPath
-from ._redis import AsyncTier, BackendHealth, Change, Clients, SyncTier
+from ._redis import AsyncTier, BackendHealth, Change, SyncTier
 from ._stats import Stats
 from ._tags import TagVersions
 from .exceptions import ConfigurationError, SerializationError
@@ -47,7 +48,12 @@ class Cache(ReadPath, Invalidator):
 
     Storage:
         redis: a URL (the cache then owns a sync and an asyncio client, made on first use), a
-            ``redis.Redis``, a ``redis.asyncio.Redis``, or None for L1 only.
+            client, or None for L1 only. URLs: ``redis://`` / ``rediss://`` / ``unix://``
+            for one server, ``redis+sentinel://host:port[,host:port...]/service[/db]`` for
+            a Sentinel-managed primary, ``redis+cluster://host:port[,host:port...]`` for a
+            Redis Cluster. Clients: ``redis.Redis`` or ``redis.asyncio.Redis`` (also from
+            ``Sentinel.master_for``), ``redis.cluster.RedisCluster`` or
+            ``redis.asyncio.cluster.RedisCluster``.
         namespace: prefix of every Redis key; caches sharing a namespace share entries.
         l1_maxsize: entries kept in process; 0 disables L1.
         l1_ttl: cap, in seconds, on how long this process trusts its own copy of an entry.
@@ -93,7 +99,12 @@ class Cache(ReadPath, Invalidator):
         redis_timeout: socket and connect timeout of owned clients, in seconds; also how long
             a call waits for a free pooled connection before failing open.
         redis_max_connections: connections in each owned client's pool (one sync pool, and
-            one per event loop).
+            one per event loop; on a Cluster, per node).
+        invalidation_replicas: an invalidation counts as sent only once this many replicas
+            have acknowledged it (Redis ``WAIT``, up to ``redis_timeout``); until then it
+            stays queued and is sent again. Set it to 1 under Sentinel, so that a failover
+            cannot lose a delete and let the promoted replica serve what it removed. Not
+            supported on Cluster.
         breaker_threshold, breaker_cooldown: consecutive Redis failures that open the circuit,
             and seconds it stays open before one probe.
 
@@ -129,6 +140,7 @@ class Cache(ReadPath, Invalidator):
         strict: bool = False,
         redis_timeout: float = 0.25,
         redis_max_connections: int = 50,
+        invalidation_replicas: int = 0,
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
         clock: Callable[[], float] | None = None,
@@ -167,44 +179,36 @@ class Cache(ReadPath, Invalidator):
             self._observer.origin_waited,
         )
         self._throttle = {}
-        if (
-            isinstance(redis_max_connections, bool)
-            or not isinstance(redis_max_connections, int)
-            or redis_max_connections < 1
-        ):
-            raise ConfigurationError(
-                f"redis_max_connections must be an int >= 1, got {redis_max_connections!r}"
-            )
         self._clients = Clients(
             redis,
             check_seconds("redis_timeout", redis_timeout, allow_zero=False),
-            redis_max_connections,
+            check_count("redis_max_connections", redis_max_connections, 1),
         )
         self._has_l2 = self._clients.enabled
-        if (
-            isinstance(breaker_threshold, bool)
-            or not isinstance(breaker_threshold, int)
-            or breaker_threshold < 1
-        ):
+        replicas = check_count("invalidation_replicas", invalidation_replicas, 0)
+        if replicas and self._clients.cluster:
             raise ConfigurationError(
-                f"breaker_threshold must be an int >= 1, got {breaker_threshold!r}"
+                "invalidation_replicas is not supported on Redis Cluster: WAIT would have to "
+                "follow each node's writes on the same connection"
             )
         self._health = BackendHealth(
             strict=bool(strict),
             stats=self._stats,
             clock=self._clock,
-            threshold=breaker_threshold,
+            threshold=check_count("breaker_threshold", breaker_threshold, 1),
             cooldown=check_seconds("breaker_cooldown", breaker_cooldown, allow_zero=False),
         )
         self._strict = bool(strict)
         self._rkeys = RedisKeys(self.namespace)
         self._sync_tier = (
-            SyncTier(self._clients, self._health, self._rkeys) if self._has_l2 else None
+            SyncTier(self._clients, self._health, self._rkeys, replicas) if self._has_l2 else None
         )
         self._async_tier = (
-            AsyncTier(self._clients, self._health, self._rkeys) if self._has_l2 else None
+            AsyncTier(self._clients, self._health, self._rkeys, replicas)
+            if self._has_l2
+            else None
         )
-        self._bus = Bus(self._clients.listener_client, self._rkeys.channel, self._has_l2)
+        self._bus = Bus(self._clients.subscriber, self._rkeys.channel, self._has_l2)
         self._bus.handlers.append(self._on_message)
         self._flights = Flights()
         self._tag_versions = TagVersions(authoritative=not self._has_l2)
@@ -431,7 +435,7 @@ class Cache(ReadPath, Invalidator):
         """Send queued invalidations from the listener thread once Redis is back."""
         if self._pending and self._sync_tier is not None and self._health.available():
             change = self._change([], [], [], [])
-            self._sent(change, self._sync_tier.apply_with(self._clients.listener_client(), change))
+            self._sent(change, self._sync_tier.apply_with(self._clients.thread_client(), change))
 
     # --- sync API ---------------------------------------------------------------------------
 

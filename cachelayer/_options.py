@@ -19,6 +19,12 @@ def check_tags(tags: Any) -> tuple[str, ...]:
     return tuple(tags)
 
 
+def check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_key(key: Any) -> str:
     if type(key) is not str:
         raise InvalidKeyError(f"cache keys are strings, got {type(key).__name__}: {key!r}")

@@ -16,41 +16,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
-import redis
-import redis.asyncio
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
-from redis.retry import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from ._clients import Clients
 from ._keys import RedisKeys
 from ._stats import Stats
-from .exceptions import BackendError, ConfigurationError
+from .exceptions import BackendError
 
 log = logging.getLogger("cachelayer")
 
 # What redis-py raises for an unreachable, slow or confused server. OSError covers the odd
-# socket error that escapes redis-py's own wrapping.
-BACKEND_ERRORS = (RedisError, OSError)
-
-
-def _client_options(timeout: float) -> dict[str, Any]:
-    # redis-py retries three times with backoff by default; a cache must answer within its
-    # timeout instead, and fall back to the loader.
-    return {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 30,
-    }
-
-
-def _binary(client: Any) -> Any:
-    if client.get_connection_kwargs().get("decode_responses"):
-        raise ConfigurationError(
-            "cachelayer stores msgpack bytes: give it a client made with "
-            "decode_responses=False (the default)"
-        )
-    return client
+# socket error that escapes redis-py's own wrapping; a cluster client raises
+# RedisClusterException (not a RedisError) when it cannot map a slot to a node.
+BACKEND_ERRORS = (RedisError, RedisClusterException, OSError)
 
 
 class BackendHealth:
@@ -68,6 +47,7 @@ class BackendHealth:
         "cooldown",
         "failures",
         "healthy",
+        "lagging",
         "open_until",
         "probing",
         "stats",
@@ -93,6 +73,7 @@ class BackendHealth:
         self.failures = 0
         self.open_until = 0.0
         self.probing = False
+        self.lagging = False
         self._lock = threading.Lock()
 
     @property
@@ -146,6 +127,29 @@ class BackendHealth:
             with self._lock:
                 self.probing = False
 
+    def unconfirmed(self, wanted: int, acked: Any) -> Any:
+        """Redis took an invalidation but too few replicas acknowledged it in time: a
+        failover now could lose it. Not a Redis failure (the breaker stays shut); the caller
+        queues it to be sent again."""
+        self.stats.invalidations_unconfirmed += 1
+        if not self.lagging:
+            self.lagging = True
+            log.warning(
+                "cachelayer: an invalidation reached %s of %d replicas in time; queued to be "
+                "sent again",
+                acked,
+                wanted,
+                extra={"event": "replicas_behind"},
+            )
+        if self.strict:
+            raise BackendError(f"invalidation acknowledged by {acked} of {wanted} replicas")
+        return FAILED
+
+    def confirmed(self) -> None:
+        if self.lagging:
+            self.lagging = False
+            log.info("cachelayer: replicas acknowledge invalidations again")
+
     def failed(self, op: str, exc: BaseException) -> None:
         self.stats.backend_errors += 1
         with self._lock:
@@ -173,123 +177,6 @@ class BackendHealth:
                 )
         if self.strict:
             raise BackendError(f"redis {op} failed: {exc}") from exc
-
-
-class Clients:
-    """The Redis clients a cache uses: given ones as they are, or ones it owns, made lazily.
-
-    asyncio clients are bound to the event loop that first used them, so an owned async client
-    is made per running loop (a process may run several, one per thread, or one per test).
-    """
-
-    def __init__(self, redis_arg: Any, timeout: float, max_connections: int = 50) -> None:
-        self.url: str | None = None
-        self.sync: redis.Redis | None = None
-        self.async_given: redis.asyncio.Redis | None = None
-        self._async_owned: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
-        self._lock = threading.Lock()
-        self._options = _client_options(timeout)
-        self._timeout = timeout
-        self._max_connections = max_connections
-        if isinstance(redis_arg, str):
-            try:
-                redis.connection.parse_url(redis_arg)  # type: ignore[no-untyped-call]
-            except ValueError as exc:
-                raise ConfigurationError(f"malformed redis URL {redis_arg!r}: {exc}") from None
-            self.url = redis_arg
-        elif isinstance(redis_arg, redis.asyncio.Redis):
-            self.async_given = _binary(redis_arg)
-        elif isinstance(redis_arg, redis.Redis):
-            self.sync = _binary(redis_arg)
-        elif redis_arg is not None:
-            raise ConfigurationError(
-                "redis must be a URL, a redis.Redis, a redis.asyncio.Redis or None, "
-                f"not {type(redis_arg).__name__}"
-            )
-        self.enabled = redis_arg is not None
-
-    @property
-    def has_sync(self) -> bool:
-        return self.url is not None or self.sync is not None
-
-    @property
-    def has_async(self) -> bool:
-        return self.url is not None or self.async_given is not None
-
-    def sync_client(self) -> redis.Redis:
-        if self.sync is None:
-            if self.url is None:
-                raise ConfigurationError(
-                    "this Cache was given a redis.asyncio.Redis; its sync methods need a "
-                    "redis.Redis or a URL (a URL gives the cache both kinds)"
-                )
-            with self._lock:
-                if self.sync is None:
-                    self.sync = redis.Redis.from_pool(self._pool(redis.BlockingConnectionPool))
-        return self.sync
-
-    def async_client(self) -> redis.asyncio.Redis:
-        if self.async_given is not None:
-            return self.async_given
-        if self.url is None:
-            raise ConfigurationError(
-                "this Cache was given a sync redis.Redis; its async methods need a "
-                "redis.asyncio.Redis or a URL (a URL gives the cache both kinds)"
-            )
-        loop = asyncio.get_running_loop()
-        client = self._async_owned.get(loop)
-        if client is None:
-            with self._lock:
-                for dead in [lp for lp in self._async_owned if lp.is_closed()]:
-                    del self._async_owned[dead]
-                client = self._async_owned.setdefault(
-                    loop,
-                    redis.asyncio.Redis.from_pool(self._pool(redis.asyncio.BlockingConnectionPool)),
-                )
-        return client
-
-    def _pool(self, kind: Any) -> Any:
-        # A blocking pool: in a surge, more concurrent Redis calls than connections must
-        # queue for one (up to the timeout, then fail open), not fail at once with "Too many
-        # connections" and trip the breaker, as redis-py's default pool does.
-        return kind.from_url(
-            self.url, max_connections=self._max_connections, timeout=self._timeout, **self._options
-        )
-
-    def listener_client(self) -> redis.Redis:
-        """A sync client for the pub/sub listener thread (any kind of cache may need one)."""
-        if self.async_given is None:
-            return self.sync_client()
-        kw = self.async_given.connection_pool.connection_kwargs
-        keep = ("host", "port", "db", "username", "password")
-        params: dict[str, Any] = {k: kw[k] for k in keep if k in kw}
-        if "path" in kw:  # a unix socket
-            params = {
-                "unix_socket_path": kw["path"],
-                **{k: params[k] for k in params if k != "port"},
-            }
-        connection_class = self.async_given.connection_pool.connection_class
-        if "ssl" in connection_class.__name__.lower():
-            params["ssl"] = True
-        params.update(self._options)  # our timeouts win over the copied ones
-        return redis.Redis(**params)
-
-    def close(self) -> None:
-        """Close the owned sync client (clients given to the cache belong to the caller)."""
-        if self.url is not None and self.sync is not None:
-            self.sync.close()
-            self.sync = None
-
-    async def aclose(self) -> None:
-        """Close owned clients: the one of the running loop, and the sync one."""
-        self.close()
-        if self.url is None:
-            return
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            client = self._async_owned.pop(loop, None)
-        if client is not None:
-            await client.aclose()
 
 
 # Redis is the arbiter of "was this key invalidated while I loaded it?": every write, delete
@@ -363,12 +250,16 @@ class Change:
 class _Ops:
     """The Redis requests of a read-through, built once; drivers only send them."""
 
-    __slots__ = ("clients", "health", "keys")
+    __slots__ = ("clients", "cluster", "health", "keys", "replicas")
 
-    def __init__(self, clients: Clients, health: BackendHealth, keys: RedisKeys) -> None:
+    def __init__(
+        self, clients: Clients, health: BackendHealth, keys: RedisKeys, replicas: int = 0
+    ) -> None:
         self.clients = clients
         self.health = health
         self.keys = keys
+        self.cluster = clients.cluster
+        self.replicas = replicas
 
     def fill_args(
         self, key: str, data: bytes, px: int, token: str, fence: str, write: bool
@@ -378,22 +269,46 @@ class _Ops:
         return list(self.keys.coordination(key)), args
 
     def queue_change(self, pipe: Any, change: Change) -> None:
-        """Add a change's commands to a pipeline: fenced writes, tag bumps, then the news.
+        """Add a change's commands to a pipeline: fenced writes, tag bumps, then the news
+        (on a single server; a Cluster pipeline refuses PUBLISH, so the news goes after it).
 
         EVAL, not EVALSHA: a pipeline runs every command even when one fails, so retrying
         after NOSCRIPT would publish and bump tags twice. The script is a few hundred bytes.
+        Sent as a raw command because a Cluster pipeline has no ``eval`` method; it routes
+        each by its keys, which share one slot.
         """
         for key, data, px in change.written:
             value, _, fence, _ = self.keys.coordination(key)
-            pipe.eval(WRITE, 2, value, fence, "set", data, px, FENCE_PX, change.now)
+            pipe.execute_command(
+                "EVAL", WRITE, 2, value, fence, "set", data, px, FENCE_PX, change.now
+            )
         for mode, keys in (("del", change.deleted), ("exp", change.expired)):
             for key in keys:
                 value, _, fence, _ = self.keys.coordination(key)
-                pipe.eval(WRITE, 2, value, fence, mode, "", 0, FENCE_PX, change.now)
+                pipe.execute_command(
+                    "EVAL", WRITE, 2, value, fence, mode, "", 0, FENCE_PX, change.now
+                )
         for tag in change.tags:
             pipe.incr(self.keys.tag(tag))
-        if change.message is not None:
+        if change.message is not None and not self.cluster:
             pipe.publish(self.keys.channel, change.message)
+        if self.replicas:
+            # Acknowledged by a primary alone, an invalidation dies with it in a failover,
+            # and the promoted replica would serve the value it removed.
+            pipe.execute_command("WAIT", self.replicas, max(1, int(self.clients.timeout * 1000)))
+
+    def confirmed(self, results: Any) -> Any:
+        """The pipeline's results, or FAILED if too few replicas acknowledged them."""
+        if results is FAILED or not self.replicas:
+            return results
+        acked = results[-1]
+        if isinstance(acked, int) and acked >= self.replicas:
+            self.health.confirmed()
+            return results
+        return self.health.unconfirmed(self.replicas, acked)
+
+    def tag_keys(self, tags: tuple[str, ...]) -> list[str]:
+        return [self.keys.tag(t) for t in tags]
 
 
 def _fill_message(key: str) -> bytes:
@@ -448,7 +363,10 @@ class SyncTier(_Ops):
         return _read_result(self._call("get", lambda c: c.mget(value, fence)))
 
     def tag_versions(self, tags: tuple[str, ...]) -> Any:
-        return _versions(self._call("tags", lambda c: c.mget([self.keys.tag(t) for t in tags])))
+        keys = self.tag_keys(tags)
+        if self.cluster:  # tags live in many slots: one MGET per node
+            return _versions(self._call("tags", lambda c: c.mget_nonatomic(keys)))
+        return _versions(self._call("tags", lambda c: c.mget(keys)))
 
     def acquire(self, key: str, token: str, px: int) -> Any:
         _, lease, _, wait = self.keys.coordination(key)
@@ -461,14 +379,17 @@ class SyncTier(_Ops):
     def _send_change(self, client: Any, change: Change) -> Any:
         pipe = client.pipeline(transaction=False)
         self.queue_change(pipe, change)
-        return pipe.execute()
+        results = pipe.execute()
+        if self.cluster and change.message is not None:
+            client.publish(self.keys.channel, change.message)
+        return results
 
     def apply(self, change: Change) -> Any:
-        return self._call("invalidate", self._send_change, change)
+        return self.confirmed(self._call("invalidate", self._send_change, change))
 
     def apply_with(self, client: Any, change: Change) -> Any:
         """``apply`` through another client (the listener thread's)."""
-        return self._call("invalidate", lambda _: self._send_change(client, change))
+        return self.confirmed(self._call("invalidate", lambda _: self._send_change(client, change)))
 
 
 class AsyncTier(_Ops):
@@ -476,7 +397,11 @@ class AsyncTier(_Ops):
         if not self.health.available():
             return self.health.skipped(op)
         try:
-            result = await fn(self.clients.async_client(), *args)
+            client, gate = self.clients.async_pair()
+            if gate is None:
+                result = await fn(client, *args)
+            else:
+                result = await self._gated(gate, fn, client, args)
         except BACKEND_ERRORS as exc:
             self.health.failed(op, exc)
             return FAILED
@@ -485,6 +410,22 @@ class AsyncTier(_Ops):
             raise
         self.health.ok()
         return result
+
+    async def _gated(
+        self, gate: asyncio.Semaphore, fn: Callable[..., Awaitable[Any]], client: Any, args: Any
+    ) -> Any:
+        """Wait for a connection slot as a blocking pool would: up to the timeout."""
+        if gate.locked():
+            try:
+                await asyncio.wait_for(gate.acquire(), self.clients.timeout)
+            except asyncio.TimeoutError:
+                raise RedisConnectionError("no redis connection free within the timeout") from None
+        else:
+            await gate.acquire()
+        try:
+            return await fn(client, *args)
+        finally:
+            gate.release()
 
     @staticmethod
     async def _eval(client: Any, src: str, keys: list[str], args: list[Any]) -> Any:
@@ -502,8 +443,12 @@ class AsyncTier(_Ops):
         return _read_result(await self._call("get", mget))
 
     async def tag_versions(self, tags: tuple[str, ...]) -> Any:
+        keys = self.tag_keys(tags)
+
         async def mget(c: Any) -> Any:
-            return await c.mget([self.keys.tag(t) for t in tags])
+            if self.cluster:
+                return await c.mget_nonatomic(keys)
+            return await c.mget(keys)
 
         return _versions(await self._call("tags", mget))
 
@@ -521,6 +466,9 @@ class AsyncTier(_Ops):
         async def run(client: Any) -> Any:
             pipe = client.pipeline(transaction=False)
             self.queue_change(pipe, change)
-            return await pipe.execute()
+            results = await pipe.execute()
+            if self.cluster and change.message is not None:
+                await client.publish(self.keys.channel, change.message)
+            return results
 
-        return await self._call("invalidate", run)
+        return self.confirmed(await self._call("invalidate", run))

@@ -20,6 +20,7 @@ class Stats:
         "fleet_coalesced",
         "invalidations_received",
         "invalidations_sent",
+        "invalidations_unconfirmed",
         "l1_hits",
         "l2_hits",
         "lease_waits",
@@ -63,6 +64,7 @@ class Stats:
         self.serialization_errors = 0  # loaded values that could not be encoded
         self.corrupt_entries = 0  # undecodable bytes found in Redis
         self.invalidations_sent = 0  # invalidation changes (calls or batches) sent to Redis
+        self.invalidations_unconfirmed = 0  # sent, but too few replicas acknowledged them
         self.invalidations_received = 0  # invalidation messages from other processes
         self.subscription_losses = 0  # times the pub/sub subscription was lost
 
