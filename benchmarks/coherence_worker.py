@@ -15,15 +15,14 @@ import json
 import sys
 import time
 
-import redis
-
 from cachelayer import Cache
 from cachelayer._invalidate import Invalidation
+from cachelayer.testing import redis_client
 
 
 def main() -> None:
     url, ns, name = sys.argv[1:4]
-    r = redis.Redis.from_url(url)
+    r = redis_client(url)
     cache = Cache(url, namespace=ns, ttl=3600, jitter=0)
     acked = [0]
 

@@ -17,9 +17,8 @@ import sys
 import threading
 import time
 
-import redis
-
 from cachelayer import Cache
+from cachelayer.testing import redis_client
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
     lease_ttl = float(sys.argv[8]) if len(sys.argv) > 8 else 10.0
     lease = sys.argv[9] != "0" if len(sys.argv) > 9 else True
     n, start_at, load_seconds = int(callers), float(start), float(load_s)
-    counter = redis.Redis.from_url(url)
+    counter = redis_client(url)
     cache = Cache(url, namespace=ns, lease_ttl=lease_ttl, lease=lease, jitter=0)
     cache.get_or_load("warm-up", lambda: 1)  # connects, and starts the pub/sub listener
     cache._bus.ready.wait(5)

@@ -229,12 +229,16 @@ class Clients:
     def _make_sync(self, target: Target) -> Any:
         opts = {**self._options, "health_check_interval": 30}
         if target.kind == CLUSTER:
+            # redis-py honours connection_pool_class only for a client made from a URL.
+            (host, port), *others = target.nodes
+            identity = {k: v for k, v in target.identity.items() if k != "ssl"}
             return redis.cluster.RedisCluster(
-                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in target.nodes],
+                url=f"{'rediss' if 'ssl' in target.identity else 'redis'}://{host}:{port}",
+                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in others],
                 connection_pool_class=redis.BlockingConnectionPool,
                 max_connections=self._max_connections,
                 timeout=self.timeout,
-                **target.identity,
+                **identity,
                 **self._options,
             )
         if target.kind == SENTINEL:

@@ -253,6 +253,11 @@ class RedisClusterServer(_Deployment):
         # Any one node will do: redis-py discovers the rest with CLUSTER SLOTS.
         return f"redis://{HOST}:{self.ports[0]}/0"
 
+    @property
+    def cache_url(self) -> str:
+        """The URL to give a ``Cache``: every node, so any one may be down at start-up."""
+        return "redis+cluster://" + ",".join(f"{HOST}:{p}" for p in self.ports)
+
     def start(self, timeout: float = 30.0) -> RedisClusterServer:
         try:
             self._start(timeout)
@@ -401,6 +406,12 @@ class SentinelSet(_Deployment):
     @property
     def replica_port(self) -> int:
         return self._data[1].port
+
+    @property
+    def cache_url(self) -> str:
+        """The URL to give a ``Cache``: the sentinels and the service they watch."""
+        nodes = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"redis+sentinel://{nodes}/{self.service_name}"
 
     def start(self, timeout: float = 30.0) -> SentinelSet:
         try:

@@ -6,6 +6,16 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Any
+
+
+def redis_client(url: str, timeout: float = 5.0) -> Any:
+    """A sync redis-py client for any URL a ``Cache`` accepts (``redis+cluster://`` gives a
+    ``RedisCluster``, ``redis+sentinel://`` the primary's client), to look at or tamper with
+    what the cache stored. The caller closes it."""
+    from ._clients import Clients
+
+    return Clients(url, timeout).sync_client()
 
 
 class FakeClock:

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 
 from cachelayer import Cache
+from cachelayer._cluster_testing import RedisClusterServer
 from cachelayer.testing import RedisServer
 
 REQUIRE_SERVERS = os.environ.get("CACHELAYER_REQUIRE_SERVERS") == "1"
@@ -45,9 +47,44 @@ def redis_server() -> Iterator[RedisServer | None]:
     server.stop()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``on_cluster`` that use ``redis_url`` run on one server and on a Cluster."""
+    if "redis_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "on_cluster"
+    ):
+        topologies = ["redis", pytest.param("cluster", marks=pytest.mark.cluster)]
+        metafunc.parametrize("topology", topologies, indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer | None) -> str:
-    """A URL of a real, empty Redis database."""
+def topology(request: pytest.FixtureRequest) -> str:
+    """Which deployment ``redis_url`` points at: ``redis`` (one server) or ``cluster``."""
+    return getattr(request, "param", "redis")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """One private 3-primary Redis Cluster for the session, started on first use."""
+    try:
+        deployment = RedisClusterServer().start()
+    except FileNotFoundError as exc:
+        missing(f"cannot start a Redis Cluster: {exc}")
+        raise
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def redis_url(
+    request: pytest.FixtureRequest, topology: str, redis_server: RedisServer | None
+) -> str:
+    """A URL of a real, empty Redis database (or Cluster, see ``on_cluster``)."""
+    if topology == "cluster":
+        cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+        client = redis.cluster.RedisCluster.from_url(cluster.url)
+        client.flushall()  # routed to every primary
+        client.close()
+        return cluster.cache_url
     url = os.environ.get("CACHELAYER_TEST_REDIS_URL") or (redis_server and redis_server.url)
     if not url:
         missing("no redis-server binary and no CACHELAYER_TEST_REDIS_URL")

@@ -15,9 +15,9 @@ import redis
 from conftest import SyncAPI
 
 from cachelayer import Cache, ConfigurationError, InvalidKeyError, Loaded, SerializationError
-from cachelayer.testing import FakeClock
+from cachelayer.testing import FakeClock, redis_client
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 
 @pytest.fixture(params=["l1", "l1+redis"])
@@ -40,8 +40,8 @@ class Loader:
         return self.value
 
 
-def raw(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
+def raw(url: str) -> Any:
+    return redis_client(url)
 
 
 def test_set_then_get_round_trips(

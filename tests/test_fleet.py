@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from cachelayer import Cache
+from cachelayer.testing import redis_client
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.on_cluster]
 
 WORKER = str(Path(__file__).resolve().parent.parent / "benchmarks" / "fleet_worker.py")
 LOAD = 0.05
@@ -74,7 +74,7 @@ def test_a_cold_key_is_loaded_once_by_the_whole_fleet(
     latencies = [t for r in results for t in r["latency"]]
     assert len(values) == 4 * callers
     assert len(set(values)) == 1, "every caller got the one load's value"
-    assert int(redis.Redis.from_url(redis_url).get("fleet:loads") or 0) == 1
+    assert int(redis_client(redis_url).get("fleet:loads") or 0) == 1
     # No polling delay: the last caller is served soon after the single load ends (the
     # benchmark measures it; here only a bound generous enough for a loaded machine).
     assert max(latencies) < LOAD + 0.5, max(latencies)
@@ -85,7 +85,7 @@ def test_a_killed_lease_holder_is_replaced_by_exactly_one_other_process(redis_ur
     start = time.time() + 2.0
     holder = spawn(redis_url, "kill", "k", 1, "threads", start, 30.0, lease_ttl)
     wait_ready(holder, before=start)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     deadline = time.time() + 10
     while int(client.get("kill:loads") or 0) < 1:  # the holder is loading, lease taken
         assert time.time() < deadline

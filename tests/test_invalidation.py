@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,9 +20,9 @@ from proxy import Proxy
 
 from cachelayer import BackendError, Cache
 from cachelayer._invalidate import Invalidation
-from cachelayer.testing import FakeClock, RedisServer
+from cachelayer.testing import FakeClock, RedisServer, redis_client
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 WORKER = str(Path(__file__).resolve().parent.parent / "benchmarks" / "coherence_worker.py")
 
@@ -297,7 +298,7 @@ def test_a_subscriber_that_lost_its_connection_does_not_serve_stale_l1(
 def test_real_processes_never_serve_a_value_older_than_a_delivered_invalidation(
     redis_url: str,
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     ns = f"coherence{time.monotonic_ns()}"
     client.set(f"{ns}:db", 0)
     readers = [
@@ -324,7 +325,7 @@ def test_real_processes_never_serve_a_value_older_than_a_delivered_invalidation(
 
 
 def _drive_coherence(
-    client: redis.Redis, url: str, ns: str, readers: list[subprocess.Popen[str]]
+    client: Any, url: str, ns: str, readers: list[subprocess.Popen[str]]
 ) -> tuple[list[dict[str, int]], list[float]]:
     wait_for(lambda: client.llen(f"{ns}:ready") == 2, timeout=20)
     writer = subscribed(Cache(url, namespace=ns, jitter=0))

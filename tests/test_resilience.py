@@ -23,7 +23,7 @@ from cachelayer._codec import Entry
 from cachelayer._policy import XFETCH_SPAN
 from cachelayer.testing import FakeClock
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 
 @pytest.fixture(params=["l1", "l1+redis"])

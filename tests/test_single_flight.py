@@ -11,7 +11,7 @@ import pytest
 
 from cachelayer import Cache
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.on_cluster]
 
 
 @pytest.fixture(params=["l1", "l1+redis"])
@@ -51,6 +51,15 @@ class SlowLoader:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+async def loader_running(loader: SlowLoader, calls: int = 1, timeout: float = 5.0) -> None:
+    """Wait until the loader runs: before that, a flight may still be talking to Redis
+    (longer on a Cluster, whose client first learns the topology)."""
+    deadline = time.monotonic() + timeout
+    while loader.calls < calls:
+        assert time.monotonic() < deadline, "the loader never started"
+        await asyncio.sleep(0.005)
 
 
 def test_1000_concurrent_async_callers_run_the_loader_once(cache: Cache) -> None:
@@ -169,7 +178,7 @@ def test_a_cancelled_waiter_does_not_cancel_the_load_for_the_others(cache: Cache
 
     async def main() -> list[Any]:
         first = asyncio.create_task(cache.aget_or_load("k", loader.acall))  # the leader
-        await asyncio.sleep(0.01)
+        await loader_running(loader)
         others = [asyncio.create_task(cache.aget_or_load("k", loader.acall)) for _ in range(10)]
         await asyncio.sleep(0.01)
         first.cancel()
@@ -191,7 +200,7 @@ def test_the_load_is_abandoned_when_every_waiter_is_gone(cache: Cache) -> None:
 
     async def main() -> None:
         tasks = [asyncio.create_task(cache.aget_or_load("k", loader.acall)) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await loader_running(loader)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -213,7 +222,7 @@ def test_callers_of_a_load_cancelled_elsewhere_load_again_rather_than_inherit_it
 
     async def main() -> list[Any]:
         leader = asyncio.create_task(cache.aget_or_load("k", loader.acall))
-        await asyncio.sleep(0.01)
+        await loader_running(loader)
         flight = cache._flights._flights["k"]
         follower = asyncio.create_task(cache.aget_or_load("k", loader.acall))
         await asyncio.sleep(0.01)
