@@ -26,6 +26,8 @@ import msgpack
 log = logging.getLogger("cachelayer")
 
 FILL = "fill"
+PROBE = "probe"  # a listener's test of its own subscription (Cluster); others ignore it
+_PROBE_WAIT = 1.0  # seconds to hear them all before subscribing again
 _RECONNECT_MAX = 2.0  # seconds between resubscription attempts, at most
 
 Handler = Callable[[str, str, Any], None]
@@ -67,7 +69,8 @@ class Bus:
         delay = 0.05
         while not self._stop.is_set():
             try:
-                self._pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
+                client, probe = self._client_factory()
+                self._pubsub = client.pubsub(ignore_subscribe_messages=False)
                 self._pubsub.subscribe(self.channel)
                 next_tick = time.monotonic() + 1.0
                 while not self._stop.is_set():
@@ -79,6 +82,8 @@ class Bus:
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
+                        if probe is not None:
+                            self._hear_probes(probe)
                         delay = 0.05
                         self._complained = False
                         self._emit("subscribed", "", None)  # handlers first: then "ready"
@@ -110,6 +115,31 @@ class Bus:
                     except Exception:
                         pass
         self.ready.clear()
+
+    def _hear_probes(self, probe: Callable[[tuple[str, bytes]], int]) -> None:
+        """Publish a probe from every other node and wait to hear each (see
+        ``Clients.subscriber``); raise, so the loop subscribes again, if they do not come."""
+        nonce = secrets.token_hex(8)
+        expected = probe((self.channel, self.encode(PROBE, nonce)))
+        deadline = time.monotonic() + _PROBE_WAIT
+        while expected > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionError(f"{expected} probes from other nodes never arrived")
+            message = self._pubsub.get_message(timeout=min(left, 0.1))
+            if message is None or message["type"] != "message":
+                continue
+            if self._is_probe(message["data"], nonce):
+                expected -= 1
+            else:
+                self._dispatch(message["data"])
+
+    def _is_probe(self, data: Any, nonce: str) -> bool:
+        try:
+            kind, sender, payload = msgpack.unpackb(data, raw=False)
+        except Exception:
+            return False
+        return bool(kind == PROBE and sender == self.sender and payload == nonce)
 
     # --- messages -----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from ._observe import NullObserver, Observer
 from ._options import Loaded, Options, check_count, check_key
 from ._policy import bound_for_l1, check_jitter, check_seconds, new_entry, redis_px
 from ._read import ReadPath
-from ._redis import AsyncTier, BackendHealth, Change, SyncTier
+from ._redis import BACKEND_ERRORS, FAILED, AsyncTier, BackendHealth, Change, SyncTier
 from ._stats import Stats
 from ._tags import TagVersions
 from .exceptions import ConfigurationError, SerializationError
@@ -101,7 +101,7 @@ class Cache(ReadPath, Invalidator):
         redis_max_connections: connections in each owned client's pool (one sync pool, and
             one per event loop; on a Cluster, per node).
         invalidation_replicas: an invalidation counts as sent only once this many replicas
-            have acknowledged it (Redis ``WAIT``, up to ``redis_timeout``); until then it
+            have acknowledged it (Redis ``WAIT``, up to half of ``redis_timeout``); until then it
             stays queued and is sent again. Set it to 1 under Sentinel, so that a failover
             cannot lose a delete and let the promoted replica serve what it removed. Not
             supported on Cluster.
@@ -204,9 +204,7 @@ class Cache(ReadPath, Invalidator):
             SyncTier(self._clients, self._health, self._rkeys, replicas) if self._has_l2 else None
         )
         self._async_tier = (
-            AsyncTier(self._clients, self._health, self._rkeys, replicas)
-            if self._has_l2
-            else None
+            AsyncTier(self._clients, self._health, self._rkeys, replicas) if self._has_l2 else None
         )
         self._bus = Bus(self._clients.subscriber, self._rkeys.channel, self._has_l2)
         self._bus.handlers.append(self._on_message)
@@ -215,6 +213,7 @@ class Cache(ReadPath, Invalidator):
         self._callbacks = []
         self._pending = {}
         self._pending_lock = threading.Lock()
+        self._unreleased: dict[str, tuple[str, float]] = {}
         self._warned: dict[str, set[str]] = {}
         # With Redis, L1 is trusted only while this process hears invalidations.
         self._l1.trusted = not self._has_l2
@@ -436,6 +435,24 @@ class Cache(ReadPath, Invalidator):
         if self._pending and self._sync_tier is not None and self._health.available():
             change = self._change([], [], [], [])
             self._sent(change, self._sync_tier.apply_with(self._clients.thread_client(), change))
+
+    def _release_later(self, key: str, token: str) -> None:
+        """A lease whose release Redis did not take: try again from the listener thread,
+        or the fleet waits out its TTL on a load that has finished."""
+        self._unreleased[key] = (token, self._clock() + self._lease_px / 1000)
+
+    def _release_leases(self) -> None:
+        if self._sync_tier is None or not self._unreleased:
+            return
+        try:
+            client = self._clients.thread_client()
+        except BACKEND_ERRORS:  # a Cluster client with no node to learn the layout from
+            return
+        now = self._clock()
+        for key, (token, until) in list(self._unreleased.items()):
+            done = until <= now or self._sync_tier.release_with(client, key, token) is not FAILED
+            if done and self._unreleased.get(key, (None,))[0] == token:
+                del self._unreleased[key]
 
     # --- sync API ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ so a fleet's subscribers spread over the nodes (a classic PUBLISH reaches every 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import threading
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ class Clients:
         opts = {**self._options, "health_check_interval": 30}
         if target.kind == CLUSTER:
             # redis-py honours connection_pool_class only for a client made from a URL.
-            (host, port), *others = target.nodes
+            (host, port), *others = _shuffled(target.nodes)
             identity = {k: v for k, v in target.identity.items() if k != "ssl"}
             return redis.cluster.RedisCluster(
                 url=f"{'rediss' if 'ssl' in target.identity else 'redis'}://{host}:{port}",
@@ -259,7 +260,9 @@ class Clients:
         gate = asyncio.Semaphore(self._max_connections)
         if target.kind == CLUSTER:
             client = redis.asyncio.cluster.RedisCluster(
-                startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in target.nodes],
+                startup_nodes=[
+                    redis.asyncio.cluster.ClusterNode(h, p) for h, p in _shuffled(target.nodes)
+                ],
                 max_connections=self._max_connections,
                 **target.identity,
                 **opts,
@@ -306,7 +309,10 @@ class Clients:
         ssl: dict[str, Any] = {"ssl": True} if _uses_ssl(client) else {}
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
             identity.pop("db", None)
-            nodes = [redis.cluster.ClusterNode(n.host, n.port) for n in client.get_nodes()]
+            # What the client has learned of the cluster, or (before its first command)
+            # the nodes it was given.
+            known = client.get_nodes() or client.nodes_manager.startup_nodes.values()
+            nodes = [redis.cluster.ClusterNode(n.host, n.port) for n in known]
             return redis.cluster.RedisCluster(
                 startup_nodes=nodes, **identity, **ssl, **self._options
             )
@@ -331,20 +337,40 @@ class Clients:
             **self._options,
         )
 
-    def subscriber(self) -> Any:
-        """A client to subscribe with. On a Cluster: a primary chosen at random from a fresh
-        view of the topology (the subscription may be replacing one on a node that died)."""
+    def subscriber(self) -> tuple[Any, Any]:
+        """A client to subscribe with, and a probe (or None): ``probe(message)`` publishes
+        ``message`` on every other primary that answers and returns how many did.
+
+        On a Cluster the client is a primary chosen at random from a fresh view of the
+        topology (the subscription may be replacing one on a node that died). A PUBLISH
+        reaches it from other nodes only over their links to it, and a node that just
+        restarted is not linked for a moment (~60-100 ms measured), so the listener
+        hears its own probe from every other primary before it trusts the subscription.
+        """
         client = self.thread_client()
         if not isinstance(client, redis.cluster.RedisCluster):
-            return client
+            return client, None
         try:
             client.nodes_manager.initialize()
         except Exception:  # keep the view we have; the subscription attempt will tell
             pass
-        node = random.choice(client.get_primaries())
         kw = client.nodes_manager.connection_kwargs
         identity = {k: kw[k] for k in ("username", "password", "ssl") if kw.get(k) is not None}
-        return redis.Redis(host=node.host, port=node.port, **identity, **self._options)
+        primaries = client.get_primaries()
+        for node in random.sample(primaries, len(primaries)):
+            candidate = redis.Redis(host=node.host, port=node.port, **identity, **self._options)
+            try:
+                # A node that has just restarted accepts subscribers before it is linked to
+                # the others: messages published elsewhere would miss it (~60 ms measured)
+                # while this process believed itself subscribed.
+                info = candidate.execute_command("CLUSTER INFO")
+                if isinstance(info, dict) and info.get("cluster_state") == "ok":
+                    others = [n for n in primaries if n is not node]
+                    return candidate, functools.partial(_publish_each, client, others)
+            except redis.RedisError:
+                pass
+            candidate.close()
+        raise redis.ConnectionError("no cluster primary is up and linked to the others")
 
     # --- closing ---------------------------------------------------------------------------
 
@@ -368,6 +394,24 @@ class Clients:
             made = self._async_owned.pop(loop, None)
         if made is not None:
             await made[0].aclose()
+
+
+def _shuffled(nodes: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
+    # redis-py's asyncio Cluster client asks its first node for the command table and fails
+    # every call while that node is down: a fleet should not share one such node.
+    return random.sample(nodes, len(nodes))
+
+
+def _publish_each(client: Any, nodes: list[Any], message: tuple[str, bytes]) -> int:
+    channel, data = message
+    published = 0
+    for node in nodes:
+        try:
+            client.publish(channel, data, target_nodes=node)
+            published += 1
+        except redis.RedisError:  # down: it can publish nothing, so it cannot be missed
+            pass
+    return published
 
 
 def _kind_of(client: Any) -> str:

@@ -482,8 +482,13 @@ class SentinelSet(_Deployment):
     def kill_primary(self, timeout: float = 30.0) -> None:
         """SIGKILL the primary and wait until every sentinel names the replica as primary and
         the replica says it is one (it then accepts writes)."""
+        self._data[0].kill()
+        self.wait_promoted(timeout)
+
+    def wait_promoted(self, timeout: float = 30.0) -> None:
+        """Wait for the replica's promotion after the primary died (``kill_primary`` kills
+        it first; a test may kill ``self._data[0]`` itself at a moment of its choosing)."""
         old, new = self._data
-        old.kill()
 
         def promoted() -> bool:
             role = info_fields(query(new.port, "INFO", "replication")).get("role")
@@ -499,6 +504,18 @@ class SentinelSet(_Deployment):
         wait_until("the sentinels promoted the replica", promoted, timeout)
         # The dead primary is now the spare: restart_old_primary() brings it back as a replica.
         self._data = [new, old]
+
+    def freeze_replica(self) -> None:
+        """SIGSTOP the replica: it stays connected but takes nothing from the primary, as a
+        stalled or partitioned replica would, until ``thaw_replica()``."""
+        proc = self._data[1].proc
+        assert proc is not None, "the replica is not running"
+        proc.send_signal(signal.SIGSTOP)
+
+    def thaw_replica(self) -> None:
+        proc = self._data[1].proc
+        assert proc is not None, "the replica is not running"
+        proc.send_signal(signal.SIGCONT)
 
     def restart_old_primary(self, timeout: float = 30.0) -> None:
         """Start the killed primary again. It comes back believing it is a primary (empty);

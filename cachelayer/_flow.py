@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 GET, ACQUIRE, WAIT, FILL, SLOT, LOAD, TAGS = range(7)
 _POLL = 0.05  # seconds between looks at Redis while the pub/sub subscription is down
+# Seconds a lease waiter trusts the fill message to come. The holder may never send it: on a
+# Cluster, the node holding the lease can die while this process stays subscribed through
+# another node, and the lease then lives on only in this waiter's mind until its TTL.
+LEASE_RECHECK = 0.5
 
 Op = tuple[Any, ...]
 R = TypeVar("R")
@@ -100,11 +104,15 @@ def lookup(cache: Cache, key: str) -> Generator[Op, Any, Entry | None]:
     return entry if entry is not None and cache._clock() < entry.fresh_until else None
 
 
-def _release(flight: Flight, key: str, token: str, fence: str) -> Generator[Op, Any, None]:
+def _release(
+    cache: Cache, flight: Flight, key: str, token: str, fence: str
+) -> Generator[Op, Any, None]:
     """Give up a lease without writing, waking any process waiting on it."""
     flight.lease = None
     if token:
-        yield (FILL, key, b"", 0, token, fence, False)
+        got = yield (FILL, key, b"", 0, token, fence, False)
+        if got is FAILED:
+            cache._release_later(key, token)
 
 
 def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entry | None) -> Flow:
@@ -134,13 +142,16 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
     if refresh_of is None and stale is not None and cache._swr_allows(stale, now, opts):
         return stale, "swr"
 
-    token = ""
+    token = orphan = ""
     if use_redis and opts.lease:
         token = cache._token()
         while True:
             got = yield (ACQUIRE, key, token)
             if got is FAILED:
-                use_redis, token = False, ""
+                # Redis may have taken the lease and only the answer been lost (a
+                # connection dropped mid-reply): release it after the load, best effort,
+                # or the whole fleet waits out its TTL on a lease nobody holds.
+                use_redis, token, orphan = False, "", token
                 break
             taken, pttl, waiter = got
             if taken:
@@ -149,7 +160,10 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             if refresh_of is not None:  # another process is refreshing it: nothing to do
                 return refresh_of, "skipped"
             cache._stats.lease_waits += 1
-            how = yield (WAIT, key, waiter, pttl / 1000 + 0.01)
+            left = pttl / 1000 + 0.01
+            how = yield (WAIT, key, waiter, min(left, LEASE_RECHECK))
+            if how == "expired" and left > LEASE_RECHECK:
+                how = "poll"  # not the lease's end: time to look again
             got = yield (GET, key)
             if got is FAILED:
                 use_redis, token = False, ""
@@ -170,7 +184,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
     versions = yield from tag_snapshot(cache, opts.tags, use_redis)
     background = refresh_of is not None
     if not (yield (SLOT, background)):
-        yield from _release(flight, key, token, fence)  # hand the lease on
+        yield from _release(cache, flight, key, token or orphan, fence)  # hand the lease on
         if background:
             return refresh_of, "skipped"  # type: ignore[return-value]
         if stale is not None and cache._duress_allows(stale, cache._clock()):
@@ -191,7 +205,7 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
         cache._observer.load_finished(time.perf_counter() - started, "error")
         cache._guard.record(True)
         cache._stats.load_errors += 1
-        yield from _release(flight, key, token, fence)
+        yield from _release(cache, flight, key, token or orphan, fence)
         if stale is not None and cache._duress_allows(stale, cache._clock()):
             cache._engage_fail_safe(key, exc)
             return stale, "fail_safe"
@@ -206,16 +220,20 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
         entry.payload = None
     entry.tag_versions = versions or ()
     if entry.payload is None:  # not storable: hand it over, store nothing
-        yield from _release(flight, key, token, fence)
+        yield from _release(cache, flight, key, token or orphan, fence)
         return entry, None
     written = True
     if use_redis:
         px = redis_px(entry, entry.stored_at)
         flight.lease = None  # the fill releases it
         got = yield (FILL, key, pack_entry(entry), px, token, fence, px > 0)
+        if got is FAILED and token:
+            cache._release_later(key, token)
         if got == 0:  # invalidated while we loaded: this value must not come back
             written = False
             cache._stats.fenced_writes += 1
+    elif orphan:
+        yield from _release(cache, flight, key, orphan, fence)
     if written and not flight.invalidated:
         cache._keep(key, entry, None, flight.since)
     return entry, None

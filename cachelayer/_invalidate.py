@@ -126,6 +126,7 @@ class Invalidator:
         _health: Any
 
         def _flush_pending(self) -> None: ...
+        def _release_leases(self) -> None: ...
 
     _callbacks: list[Callable[[Invalidation], Any]]
     _pending: dict[tuple[str, str], None]
@@ -185,8 +186,10 @@ class Invalidator:
                 extra={"event": "subscribed"},
             )
             self._flush_pending()
-        elif kind == "tick" and self._pending:  # retry what Redis missed, once a second
-            self._flush_pending()
+        elif kind == "tick":  # retry what Redis missed, once a second
+            if self._pending:
+                self._flush_pending()
+            self._release_leases()
         elif kind == "unsubscribed":
             self._l1.distrust()
             self._tag_versions.clear(listening=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from ._clients import Clients
 from ._keys import RedisKeys
 from ._stats import Stats
-from .exceptions import BackendError
+from .exceptions import BackendError, CacheError
 
 log = logging.getLogger("cachelayer")
 
@@ -52,6 +53,7 @@ class BackendHealth:
         "probing",
         "stats",
         "strict",
+        "surprises",
         "threshold",
     )
 
@@ -74,6 +76,7 @@ class BackendHealth:
         self.open_until = 0.0
         self.probing = False
         self.lagging = False
+        self.surprises: set[type[BaseException]] = set()
         self._lock = threading.Lock()
 
     @property
@@ -150,7 +153,13 @@ class BackendHealth:
             self.lagging = False
             log.info("cachelayer: replicas acknowledge invalidations again")
 
-    def failed(self, op: str, exc: BaseException) -> None:
+    def failed(self, op: str, exc: BaseException, unexpected: bool = False) -> None:
+        if unexpected and type(exc) not in self.surprises:
+            # Not an error redis-py means to raise (its asyncio Cluster client has raised
+            # AttributeError for a connection torn down under it), but Redis failed us all
+            # the same: fail open, and show the traceback once, for a bug report.
+            self.surprises.add(type(exc))
+            log.error("cachelayer: the redis client raised unexpectedly in %s", op, exc_info=exc)
         self.stats.backend_errors += 1
         with self._lock:
             self.failures += 1
@@ -187,10 +196,12 @@ class BackendHealth:
 # hour), then expire.
 FENCE_PX = 3_600_000
 
-# KEYS: lease, wait-flag. ARGV: token, lease ms. Returns {1, 0} when taken, else
+# KEYS: lease, wait-flag. ARGV: token, lease ms. Returns {1, 0} when taken (also when it is
+# already ours: a retry after a lost reply must not wait on its own lease), else
 # {0, ms left on the holder's lease}, and flags that someone waits, so the holder publishes.
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return {1, 0} end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return {0, redis.call('PTTL', KEYS[1])}
 """
@@ -268,34 +279,36 @@ class _Ops:
         args = [data, px, token, fence, self.keys.channel, message, "1" if write else "0"]
         return list(self.keys.coordination(key)), args
 
-    def queue_change(self, pipe: Any, change: Change) -> None:
-        """Add a change's commands to a pipeline: fenced writes, tag bumps, then the news
-        (on a single server; a Cluster pipeline refuses PUBLISH, so the news goes after it).
+    def commands(self, change: Change) -> list[tuple[Any, ...]]:
+        """A change's commands: fenced writes, tag bumps, then (on one server) the news
+        and the replicas' acknowledgement.
 
         EVAL, not EVALSHA: a pipeline runs every command even when one fails, so retrying
         after NOSCRIPT would publish and bump tags twice. The script is a few hundred bytes.
-        Sent as a raw command because a Cluster pipeline has no ``eval`` method; it routes
-        each by its keys, which share one slot.
+        Raw commands, because a Cluster pipeline has no ``eval`` method.
         """
+        out: list[tuple[Any, ...]] = []
         for key, data, px in change.written:
             value, _, fence, _ = self.keys.coordination(key)
-            pipe.execute_command(
-                "EVAL", WRITE, 2, value, fence, "set", data, px, FENCE_PX, change.now
-            )
+            out.append(("EVAL", WRITE, 2, value, fence, "set", data, px, FENCE_PX, change.now))
         for mode, keys in (("del", change.deleted), ("exp", change.expired)):
             for key in keys:
                 value, _, fence, _ = self.keys.coordination(key)
-                pipe.execute_command(
-                    "EVAL", WRITE, 2, value, fence, mode, "", 0, FENCE_PX, change.now
-                )
+                out.append(("EVAL", WRITE, 2, value, fence, mode, "", 0, FENCE_PX, change.now))
         for tag in change.tags:
-            pipe.incr(self.keys.tag(tag))
-        if change.message is not None and not self.cluster:
-            pipe.publish(self.keys.channel, change.message)
+            out.append(("INCR", self.keys.tag(tag)))
+        if self.cluster:  # a Cluster pipeline refuses PUBLISH: see _send_change
+            return out
+        if change.message is not None:
+            out.append(("PUBLISH", self.keys.channel, change.message))
         if self.replicas:
             # Acknowledged by a primary alone, an invalidation dies with it in a failover,
-            # and the promoted replica would serve the value it removed.
-            pipe.execute_command("WAIT", self.replicas, max(1, int(self.clients.timeout * 1000)))
+            # and the promoted replica would serve the value it removed. Half the socket
+            # timeout, so a slow replica is an answer ("too few"), not a timed-out
+            # connection counted against the breaker.
+            wait_ms = max(1, int(self.clients.timeout * 500))
+            out.append(("WAIT", self.replicas, wait_ms))
+        return out
 
     def confirmed(self, results: Any) -> Any:
         """The pipeline's results, or FAILED if too few replicas acknowledged them."""
@@ -307,8 +320,23 @@ class _Ops:
             return results
         return self.health.unconfirmed(self.replicas, acked)
 
+    def past_breaker(self, op: str) -> bool:
+        """Does ``op`` go to Redis even with the circuit open?
+
+        A fill that holds a lease does: it is the only thing that will ever release it,
+        and skipped it would leave every process of the fleet waiting out the lease's TTL
+        for a holder that has finished (the lease was taken moments ago, so Redis was
+        there). Invalidations on a Cluster do: one dead node opens the circuit, yet
+        processes listening on the other nodes keep their copies unless told.
+        """
+        return op == "fill" or (self.cluster and op == "invalidate")
+
     def tag_keys(self, tags: tuple[str, ...]) -> list[str]:
         return [self.keys.tag(t) for t in tags]
+
+
+def _shuffled(nodes: list[Any]) -> list[Any]:
+    return random.sample(nodes, len(nodes))
 
 
 def _fill_message(key: str) -> bytes:
@@ -338,12 +366,24 @@ def _versions(got: Any) -> Any:
 
 class SyncTier(_Ops):
     def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
-        if not self.health.available():
+        if not self.health.available() and not self.past_breaker(op):
             return self.health.skipped(op)
         try:
-            result = fn(self.clients.sync_client(), *args)
+            try:
+                result = fn(self.clients.sync_client(), *args)
+            except RedisConnectionError:
+                # A pooled connection to a server that restarted (or a node that failed
+                # over) fails once; a fresh one may not. Every request here is idempotent,
+                # and a refused connection costs little, unlike a timeout (not retried).
+                result = fn(self.clients.sync_client(), *args)
         except BACKEND_ERRORS as exc:
             self.health.failed(op, exc)
+            return FAILED
+        except CacheError:  # ours (a sync call on an asyncio-only cache): the caller's to see
+            self.health.abandoned()
+            raise
+        except Exception as exc:
+            self.health.failed(op, exc, unexpected=True)
             return FAILED
         except BaseException:
             self.health.abandoned()
@@ -374,18 +414,61 @@ class SyncTier(_Ops):
 
     def fill(self, key: str, data: bytes, px: int, token: str, fence: str, write: bool) -> Any:
         keys, args = self.fill_args(key, data, px, token, fence, write)
-        return self._call("set", self._eval, FILL, keys, args)
+        return self._call("fill" if token else "set", self._eval, FILL, keys, args)
 
     def _send_change(self, client: Any, change: Change) -> Any:
+        commands = self.commands(change)
+        if not self.cluster:
+            return self._pipelined(client, commands)
+        try:
+            try:
+                return self._pipelined(client, commands)
+            except BACKEND_ERRORS:
+                # A Cluster pipeline that cannot reach one node sends nothing to the others
+                # (seen with redis-py 8.1): one command at a time, so their parts land.
+                results: list[Any] = []
+                error: BaseException | None = None
+                for command in commands:
+                    try:
+                        results.append(client.execute_command(*command))
+                    except BACKEND_ERRORS as exc:
+                        error = error or exc
+                if error is not None:
+                    raise error from None
+                return results
+        finally:
+            if change.message is not None:
+                # Processes listening on the nodes that answer would otherwise keep their
+                # copies: tell them even if one node missed its part (which stays queued
+                # here and is sent again).
+                self._publish_on_cluster(client, change.message)
+
+    @staticmethod
+    def _pipelined(client: Any, commands: list[tuple[Any, ...]]) -> Any:
         pipe = client.pipeline(transaction=False)
-        self.queue_change(pipe, change)
-        results = pipe.execute()
-        if self.cluster and change.message is not None:
-            client.publish(self.keys.channel, change.message)
-        return results
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
+
+    def _publish_on_cluster(self, client: Any, message: bytes) -> Any:
+        """PUBLISH on any primary that answers: from any node it reaches every node's
+        subscribers, and the client's default node may be the one that died."""
+        error: BaseException | None = None
+        for node in _shuffled(client.get_primaries()):
+            try:
+                return client.publish(self.keys.channel, message, target_nodes=node)
+            except BACKEND_ERRORS as exc:
+                error = exc
+        raise error or RedisClusterException("no primary to publish on")
 
     def apply(self, change: Change) -> Any:
         return self.confirmed(self._call("invalidate", self._send_change, change))
+
+    def release_with(self, client: Any, key: str, token: str) -> Any:
+        """Release a lease (and wake its waiters) through another client (the listener
+        thread's); nothing happens unless ``token`` still holds it."""
+        keys, args = self.fill_args(key, b"", 0, token, "", False)
+        return self._call("fill", lambda _: self._eval(client, FILL, keys, args))
 
     def apply_with(self, client: Any, change: Change) -> Any:
         """``apply`` through another client (the listener thread's)."""
@@ -394,22 +477,51 @@ class SyncTier(_Ops):
 
 class AsyncTier(_Ops):
     async def _call(self, op: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        if not self.health.available():
+        if not self.health.available() and not self.past_breaker(op):
             return self.health.skipped(op)
         try:
             client, gate = self.clients.async_pair()
-            if gate is None:
-                result = await fn(client, *args)
-            else:
-                result = await self._gated(gate, fn, client, args)
+            try:
+                if gate is None:
+                    result = await fn(client, *args)
+                else:
+                    result = await self._gated(gate, fn, client, args)
+            except RedisConnectionError:  # as in SyncTier._call
+                if gate is None:
+                    result = await fn(client, *args)
+                else:
+                    result = await self._gated(gate, fn, client, args)
         except BACKEND_ERRORS as exc:
             self.health.failed(op, exc)
+            return FAILED
+        except CacheError:  # ours (a sync call on an asyncio-only cache): the caller's to see
+            self.health.abandoned()
+            raise
+        except Exception as exc:
+            self.health.failed(op, exc, unexpected=True)
             return FAILED
         except BaseException:  # cancelled mid-call: neither a success nor a failure
             self.health.abandoned()
             raise
         self.health.ok()
         return result
+
+    @staticmethod
+    async def _pipelined(client: Any, commands: list[tuple[Any, ...]]) -> Any:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute()
+
+    async def _publish_on_cluster(self, client: Any, message: bytes) -> Any:
+        """As ``SyncTier._publish_on_cluster``."""
+        error: BaseException | None = None
+        for node in _shuffled(client.get_primaries()):
+            try:
+                return await client.publish(self.keys.channel, message, target_nodes=node)
+            except BACKEND_ERRORS as exc:
+                error = exc
+        raise error or RedisClusterException("no primary to publish on")
 
     async def _gated(
         self, gate: asyncio.Semaphore, fn: Callable[..., Awaitable[Any]], client: Any, args: Any
@@ -460,15 +572,27 @@ class AsyncTier(_Ops):
         self, key: str, data: bytes, px: int, token: str, fence: str, write: bool
     ) -> Any:
         keys, args = self.fill_args(key, data, px, token, fence, write)
-        return await self._call("set", self._eval, FILL, keys, args)
+        return await self._call("fill" if token else "set", self._eval, FILL, keys, args)
 
     async def apply(self, change: Change) -> Any:
-        async def run(client: Any) -> Any:
-            pipe = client.pipeline(transaction=False)
-            self.queue_change(pipe, change)
-            results = await pipe.execute()
-            if self.cluster and change.message is not None:
-                await client.publish(self.keys.channel, change.message)
-            return results
+        async def run(client: Any) -> Any:  # as SyncTier._send_change
+            commands = self.commands(change)
+            if not self.cluster:
+                return await self._pipelined(client, commands)
+            try:
+                try:
+                    return await self._pipelined(client, commands)
+                except BACKEND_ERRORS:
+                    results = await asyncio.gather(
+                        *(client.execute_command(*command) for command in commands),
+                        return_exceptions=True,
+                    )
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result from None
+                    return results
+            finally:
+                if change.message is not None:
+                    await self._publish_on_cluster(client, change.message)
 
         return self.confirmed(await self._call("invalidate", run))

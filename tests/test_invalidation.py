@@ -254,10 +254,11 @@ def test_while_redis_is_down_invalidations_apply_locally_and_are_retried(
     assert a.get("k") is None
     assert "queued for retry" in caplog.text
     assert a._pending
-    own_redis.start()  # empty, as after a restart...
-    client = redis.Redis.from_url(own_redis.url)
-    b = subscribed(Cache(own_redis.url, namespace="down", jitter=0))
-    b.set("k", "old")  # ...and refilled by someone with the old value
+    with a._pending_lock:  # a's listener may not send the queue before b has refilled
+        own_redis.start()  # empty, as after a restart...
+        client = redis.Redis.from_url(own_redis.url)
+        b = subscribed(Cache(own_redis.url, namespace="down", jitter=0))
+        b.set("k", "old")  # ...and refilled by someone with the old value
     wait_for(lambda: not a._pending, timeout=10)  # resubscribed: the queue went out
     assert client.get("down:v1:{k}") is None  # gone from Redis...
     wait_for(lambda: b.get("k") is None)  # ...and from the other process's L1
