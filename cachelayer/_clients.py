@@ -25,8 +25,9 @@ import asyncio
 import functools
 import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import redis
@@ -40,6 +41,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .exceptions import ConfigurationError
+
+T = TypeVar("T")
 
 SINGLE, SENTINEL, CLUSTER = "redis", "sentinel", "cluster"
 
@@ -231,7 +234,7 @@ class Clients:
         opts = {**self._options, "health_check_interval": 30}
         if target.kind == CLUSTER:
             # redis-py honours connection_pool_class only for a client made from a URL.
-            (host, port), *others = _shuffled(target.nodes)
+            (host, port), *others = shuffled(target.nodes)
             identity = {k: v for k, v in target.identity.items() if k != "ssl"}
             return redis.cluster.RedisCluster(
                 url=f"{'rediss' if 'ssl' in target.identity else 'redis'}://{host}:{port}",
@@ -240,7 +243,7 @@ class Clients:
                 max_connections=self._max_connections,
                 timeout=self.timeout,
                 **identity,
-                **self._options,
+                **opts,
             )
         if target.kind == SENTINEL:
             # redis-py's Sentinel pool cannot block; sync callers are bounded by threads.
@@ -261,7 +264,7 @@ class Clients:
         if target.kind == CLUSTER:
             client = redis.asyncio.cluster.RedisCluster(
                 startup_nodes=[
-                    redis.asyncio.cluster.ClusterNode(h, p) for h, p in _shuffled(target.nodes)
+                    redis.asyncio.cluster.ClusterNode(h, p) for h, p in shuffled(target.nodes)
                 ],
                 max_connections=self._max_connections,
                 **target.identity,
@@ -306,7 +309,7 @@ class Clients:
     def _sync_twin(self, client: Any) -> Any:
         kw = _connection_kwargs(client)
         identity: dict[str, Any] = {k: kw[k] for k in _IDENTITY if kw.get(k) is not None}
-        ssl: dict[str, Any] = {"ssl": True} if _uses_ssl(client) else {}
+        ssl = tls_options(client)
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
             identity.pop("db", None)
             # What the client has learned of the cluster, or (before its first command)
@@ -355,9 +358,10 @@ class Clients:
         except Exception:  # keep the view we have; the subscription attempt will tell
             pass
         kw = client.nodes_manager.connection_kwargs
-        identity = {k: kw[k] for k in ("username", "password", "ssl") if kw.get(k) is not None}
+        identity = {k: kw[k] for k in ("username", "password") if kw.get(k) is not None}
+        identity.update(tls_options(client))
         primaries = client.get_primaries()
-        for node in random.sample(primaries, len(primaries)):
+        for node in shuffled(primaries):
             candidate = redis.Redis(host=node.host, port=node.port, **identity, **self._options)
             try:
                 # A node that has just restarted accepts subscribers before it is linked to
@@ -396,10 +400,28 @@ class Clients:
             await made[0].aclose()
 
 
-def _shuffled(nodes: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
-    # redis-py's asyncio Cluster client asks its first node for the command table and fails
-    # every call while that node is down: a fleet should not share one such node.
-    return random.sample(nodes, len(nodes))
+def shuffled(items: Sequence[T]) -> list[T]:
+    """``items`` in random order. Owned Cluster clients start from shuffled nodes because
+    redis-py's asyncio Cluster client asks its first node for the command table and fails
+    every call while that node is down: a fleet should not share one such node. Publishing
+    picks a random primary for the same reason."""
+    return random.sample(items, len(items))
+
+
+def primary_for(client: Any, key: str) -> Any:
+    """The ``redis.Redis`` of the primary serving ``key``'s slot, as the sync Cluster client
+    last mapped it; None where the Cluster client must route the call itself (it reads from
+    replicas, the slot is unmapped, or the node is not connected yet).
+
+    A GET through the Cluster client costs about 40 us of Python routing on top of the same
+    GET on one server (measured, redis-py 8.2); going straight to the node's client does not.
+    A caller must fall back to the Cluster client on a redirection or a connection error, so
+    that it follows the slot and remaps.
+    """
+    if client.read_from_replicas or client.load_balancing_strategy is not None:
+        return None
+    nodes = client.nodes_manager.slots_cache.get(client.keyslot(key))
+    return nodes[0].redis_connection if nodes else None
 
 
 def _publish_each(client: Any, nodes: list[Any], message: tuple[str, bytes]) -> int:
@@ -425,9 +447,16 @@ def _kind_of(client: Any) -> str:
     return SINGLE
 
 
-def _uses_ssl(client: Any) -> bool:
-    if isinstance(client, redis.asyncio.cluster.RedisCluster):
-        kind = client.connection_kwargs.get("connection_class", object)
+def tls_options(client: Any) -> dict[str, Any]:
+    """The TLS settings of ``client`` as ``redis.Redis()`` takes them ({} without TLS), for
+    the clients made beside it: its listener's, its subscriber's. redis-py records TLS as
+    ``ssl=True`` or as an SSL connection class (what a ``rediss://`` URL sets), by client
+    kind."""
+    kw = _connection_kwargs(client)
+    if isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
+        kind = kw.get("connection_class", object)
     else:
         kind = client.connection_pool.connection_class
-    return "ssl" in kind.__name__.lower()
+    if not (kw.get("ssl") or "ssl" in kind.__name__.lower()):
+        return {}
+    return {"ssl": True, **{k: v for k, v in kw.items() if k.startswith("ssl_")}}

@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
-from ._clients import Clients
+from ._clients import Clients, primary_for, shuffled
 from ._keys import RedisKeys
 from ._stats import Stats
 from .exceptions import BackendError, CacheError
@@ -335,10 +334,6 @@ class _Ops:
         return [self.keys.tag(t) for t in tags]
 
 
-def _shuffled(nodes: list[Any]) -> list[Any]:
-    return random.sample(nodes, len(nodes))
-
-
 def _fill_message(key: str) -> bytes:
     return msgpack.packb(["fill", "", key], use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -362,6 +357,17 @@ def _read_result(got: Any) -> Any:
 
 def _versions(got: Any) -> Any:
     return got if got is FAILED else [int(v) if v is not None else 0 for v in got]
+
+
+def _routed_mget(client: Any, *keys: str) -> Any:
+    """MGET of keys in one slot, straight to its primary (see ``primary_for``)."""
+    node = primary_for(client, keys[0])
+    if node is not None:
+        try:
+            return node.mget(*keys)
+        except (ResponseError, RedisConnectionError):
+            pass  # moved, or its node is gone: the Cluster client follows and remaps
+    return client.mget(*keys)
 
 
 class SyncTier(_Ops):
@@ -400,6 +406,8 @@ class SyncTier(_Ops):
 
     def read(self, key: str) -> Any:
         value, _, fence, _ = self.keys.coordination(key)
+        if self.cluster:
+            return _read_result(self._call("get", _routed_mget, value, fence))
         return _read_result(self._call("get", lambda c: c.mget(value, fence)))
 
     def tag_versions(self, tags: tuple[str, ...]) -> Any:
@@ -454,7 +462,7 @@ class SyncTier(_Ops):
         """PUBLISH on any primary that answers: from any node it reaches every node's
         subscribers, and the client's default node may be the one that died."""
         error: BaseException | None = None
-        for node in _shuffled(client.get_primaries()):
+        for node in shuffled(client.get_primaries()):
             try:
                 return client.publish(self.keys.channel, message, target_nodes=node)
             except BACKEND_ERRORS as exc:
@@ -516,7 +524,7 @@ class AsyncTier(_Ops):
     async def _publish_on_cluster(self, client: Any, message: bytes) -> Any:
         """As ``SyncTier._publish_on_cluster``."""
         error: BaseException | None = None
-        for node in _shuffled(client.get_primaries()):
+        for node in shuffled(client.get_primaries()):
             try:
                 return await client.publish(self.keys.channel, message, target_nodes=node)
             except BACKEND_ERRORS as exc:

@@ -500,3 +500,81 @@ def test_a_cluster_node_restarted_during_traffic(own_cluster: RedisClusterServer
     finally:
         for cache in (*readers, writer):
             cache.close()
+
+
+# --- Cluster: a slot moves under a cache --------------------------------------------------
+
+
+def _move_slot(cluster: RedisClusterServer, slot: int) -> tuple[int, int]:
+    """Migrate ``slot`` (keys and all) from its primary to another, as ``redis-cli --cluster
+    reshard`` does: IMPORTING/MIGRATING, MIGRATE, then the new owner on every node."""
+    nodes = {port: redis.Redis(port=port) for port in map(cluster.node_port, range(3))}
+    try:
+        ids = {port: node.execute_command("CLUSTER MYID").decode() for port, node in nodes.items()}
+        source = next(
+            p for p, n in nodes.items() if n.execute_command("CLUSTER COUNTKEYSINSLOT", slot)
+        )
+        target = next(p for p in nodes if p != source)
+        nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        keys = nodes[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+        nodes[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for node in nodes.values():
+            node.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+        return source, target
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+def test_a_cache_follows_a_slot_that_moved(own_cluster: RedisClusterServer) -> None:
+    # A sync hit goes straight to the primary the client mapped (_redis._routed_mget); once
+    # the slot has moved, that node answers MOVED and the Cluster client must take over.
+    cache = Cache(own_cluster.cache_url, namespace="mv", l1_maxsize=0)
+    try:
+        cache.set("k", "v1")
+        assert cache.get("k") == "v1"  # the client has mapped the slots
+        slot = redis.cluster.key_slot(cache._rkeys.coordination("k")[0].encode())
+        source, target = _move_slot(own_cluster, slot)
+        for _ in range(3):
+            assert cache.get("k") == "v1"
+        assert cache.get_or_load("k", lambda: "loaded") == "v1"
+        cache.delete("k")
+        assert cache.get("k") is None
+        stats = cache.stats()
+        assert stats["backend_errors"] == 0
+        assert stats["l2_hits"] >= 5
+        with redis.Redis(port=target) as node:
+            assert node.execute_command("CLUSTER COUNTKEYSINSLOT", slot) >= 1  # the fence
+        with redis.Redis(port=source) as node:
+            assert node.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+    finally:
+        cache.close()
+
+
+# --- TLS settings carried to the clients made beside the cache's own ----------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: redis.Redis.from_url("rediss://127.0.0.1:1/0", ssl_cert_reqs="none"),
+        lambda: redis.asyncio.cluster.RedisCluster.from_url(
+            "rediss://127.0.0.1:1", ssl_cert_reqs="none"
+        ),
+        lambda: redis.asyncio.cluster.RedisCluster(
+            host="127.0.0.1", port=1, ssl=True, ssl_cert_reqs="none"
+        ),
+    ],
+    ids=["redis-url", "async-cluster-url", "async-cluster-ssl-flag"],
+)
+def test_tls_settings_are_carried_to_the_listener_and_subscriber(make: Any) -> None:
+    from cachelayer._clients import tls_options
+
+    client = make()  # not connected: these kinds connect on first use
+    options = tls_options(client)
+    assert options["ssl"] is True
+    assert options["ssl_cert_reqs"] == "none"
+    assert tls_options(redis.Redis(port=1)) == {}
