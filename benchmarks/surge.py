@@ -3,6 +3,8 @@
     python benchmarks/surge.py                                  # SQLite, L1 only
     python benchmarks/surge.py --database-url postgresql://postgres@127.0.0.1:5432/test \
         --private-redis --repeat 3 --plot-copy docs/img/surge.png   # docs/benchmarks.md
+    python benchmarks/surge.py --database-url postgresql://postgres@127.0.0.1:5432/test \
+        --private-cluster --repeat 3                 # the same on a 3-primary Redis Cluster
 
 The engine is ``cachelayer.surge`` (the same one ``cachelayer surge`` runs). Every figure is
 measured in this run; the no-cache run is the baseline the cached run is compared with.
@@ -45,6 +47,12 @@ def knobs(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def redis_for(args: argparse.Namespace) -> Iterator[str | None]:
+    if args.private_cluster:
+        from cachelayer._cluster_testing import RedisClusterServer
+
+        with RedisClusterServer(primaries=3) as cluster:
+            yield cluster.cache_url
+        return
     if not args.private_redis:
         yield args.redis_url
         return
@@ -85,6 +93,11 @@ def main() -> int:
     parser.add_argument(
         "--private-redis", action="store_true", help="start a throwaway redis-server for the run"
     )
+    parser.add_argument(
+        "--private-cluster",
+        action="store_true",
+        help="start a throwaway 3-primary Redis Cluster for the run (redis+cluster:// URL)",
+    )
     parser.add_argument("--serve", action="store_true", help="uvicorn + out-of-process load")
     parser.add_argument(
         "--cache-option",
@@ -101,6 +114,8 @@ def main() -> int:
     quiet_cache_warnings()
     if not 1 <= args.repeat <= 20:
         parser.error("--repeat must be from 1 to 20")
+    if args.private_cluster and args.private_redis:
+        parser.error("--private-redis and --private-cluster: choose one")
     results = []
     try:
         knobs_given = {

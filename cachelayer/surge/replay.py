@@ -33,27 +33,50 @@ SERVER_START_TIMEOUT = 30.0
 
 
 def check_redis(url: str | None) -> None:
-    """Fail early, with a message a person can act on, if ``url`` is not a reachable Redis."""
+    """Fail early, with a message a person can act on, if ``url`` is not a reachable Redis.
+
+    Any URL a ``Cache`` accepts will do: one server, ``redis+cluster://`` or
+    ``redis+sentinel://``. Every node named in it (and, on a Cluster, every node the cluster
+    announces) must be on this machine.
+    """
     if not url:
         return
     import redis
+    from redis.exceptions import RedisClusterException
 
-    scheme = urllib.parse.urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise SurgeError(f"malformed Redis URL {db.redact(url)!r}: expected redis://host:port/db")
+    from cachelayer._clients import parse_target
+    from cachelayer.exceptions import ConfigurationError
+    from cachelayer.testing import redis_client
+
     try:
-        host = urllib.parse.urlsplit(url).hostname or ""
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    except ValueError as exc:
-        raise SurgeError(f"malformed Redis URL {db.redact(url)!r}: {exc}") from None
-    if scheme != "unix" and not db.is_loopback(host):
-        raise SurgeError(f"refusing Redis at {host!r}: the replay only uses this machine")
+        target = parse_target(url)
+    except ConfigurationError as exc:
+        raise SurgeError(
+            f"malformed Redis URL {db.redact(url)!r}: expected redis://host:port/db, "
+            "redis+cluster://host:port[,host:port...] or "
+            f"redis+sentinel://host:port[,host:port...]/service ({db.redact(str(exc))})"
+        ) from None
+    hosts = [host for host, _ in target.nodes] or [urllib.parse.urlsplit(url).hostname or ""]
+    _refuse_remote(hosts)
     try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise SurgeError(f"cannot reach Redis at {db.redact(url)}: {exc}") from None
-    finally:
-        client.close()
+        client = redis_client(url, timeout=2)  # a cluster client maps the slots here
+        try:
+            if hasattr(client, "get_nodes"):
+                _refuse_remote([node.host for node in client.get_nodes()])
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException, OSError) as exc:
+        # Some are long (redis-py's "No master found" carries the client's repr): the start
+        # of the message says what happened.
+        reason = str(exc) if len(str(exc)) <= 200 else str(exc)[:200] + "..."
+        raise SurgeError(f"cannot reach Redis at {db.redact(url)}: {reason}") from None
+
+
+def _refuse_remote(hosts: list[str]) -> None:
+    for host in hosts:
+        if not db.is_loopback(host):
+            raise SurgeError(f"refusing Redis at {host!r}: the replay only uses this machine")
 
 
 def forget_namespace(url: str | None, namespace: str) -> None:
@@ -61,16 +84,20 @@ def forget_namespace(url: str | None, namespace: str) -> None:
     if not url:
         return
     import redis
+    from redis.exceptions import RedisClusterException
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    from cachelayer.testing import redis_client
+
     try:
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
-    except redis.RedisError:
+        client = redis_client(url, timeout=5)  # on a Cluster, SCAN and DEL reach every node
+        try:
+            keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+            for i in range(0, len(keys), 500):
+                client.delete(*keys[i : i + 500])
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException, OSError):
         pass  # best effort: every key carries a TTL and expires on its own
-    finally:
-        client.close()
 
 
 @contextlib.asynccontextmanager
