@@ -432,9 +432,18 @@ class Cache(ReadPath, Invalidator):
 
     def _flush_pending(self) -> None:
         """Send queued invalidations from the listener thread once Redis is back."""
-        if self._pending and self._sync_tier is not None and self._health.available():
+        if self._pending and self._sync_tier is not None and self._breaker_allows():
             change = self._change([], [], [], [])
             self._sent(change, self._sync_tier.apply_with(self._clients.thread_client(), change))
+
+    def _breaker_allows(self) -> bool:
+        """Would the circuit breaker let a Redis call through now? A look that takes
+        nothing: ``BackendHealth.available()`` hands out the single half-open probe, and
+        the flush's own call (``apply_with``) asks for it again; taken here, it would be
+        refused there and never given back, leaving the circuit open for good."""
+        health = self._health
+        until = health.open_until
+        return not until or (health.clock() >= until and not health.probing)
 
     def _release_later(self, key: str, token: str) -> None:
         """A lease whose release Redis did not take: try again from the listener thread,

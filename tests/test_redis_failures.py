@@ -314,3 +314,42 @@ def test_chaos_no_caller_error_bounded_latency_one_load_per_key(own_redis: Redis
     # Deaf spells clear L1 and keep entries about a second, so a key reloads about once a
     # second at most: not once per request.
     assert max(loads.values()) <= 6, loads
+
+
+@pytest.mark.parametrize("api", ["sync", "async"], indirect=True)
+def test_queued_invalidations_drain_and_reads_reach_redis_after_the_cooldown(
+    own_redis: RedisServer, make_cache: Any, api: Any
+) -> None:
+    """The circuit opens while the subscription survives (a silent Redis: the listener's
+    connection just hears nothing), so nothing but the listener's once-a-second flush of
+    queued invalidations and the callers' own reads can close it. Once Redis answers and the
+    cool-down is over, the flush must not take the half-open probe and then be refused it,
+    which left the circuit open for good."""
+    from cachelayer.testing import FakeClock
+
+    clock = FakeClock()
+    with Proxy(own_redis.port) as proxy:
+        cache = make_cache(
+            proxy.url, clock=clock, l1_maxsize=0, breaker_cooldown=10, redis_timeout=TIMEOUT
+        )
+        other = Cache(own_redis.url, clock=clock)
+        try:
+            api.set(cache, "gone", "old")
+            api.set(cache, "kept", "v")
+            proxy.set_mode("blackhole")
+            api.delete(cache, "gone")  # times out: queued
+            while not cache.stats()["circuit_open"]:
+                assert api.get(cache, "kept") is None  # each read times out: fail open
+            assert cache.stats()["subscribed"] is True  # the listener heard nothing amiss
+            assert other.get("gone") == "old"  # the delete never reached Redis
+            proxy.set_mode("pass")
+            clock.advance(10)  # the cool-down is over: the next Redis call probes
+            # The listener's next tick sends the queue, and its success closes the circuit.
+            wait_for(lambda: other.get("gone") is None)
+            assert cache.stats()["circuit_open"] is False
+            hits, errors = cache.stats()["l2_hits"], cache.stats()["backend_errors"]
+            assert api.get(cache, "kept") == "v"  # from Redis: L1 is off
+            assert cache.stats()["l2_hits"] == hits + 1
+            assert cache.stats()["backend_errors"] == errors
+        finally:
+            other.close()
