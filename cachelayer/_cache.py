@@ -34,7 +34,7 @@ from ._read import ReadPath
 from ._redis import BACKEND_ERRORS, FAILED, AsyncTier, BackendHealth, Change, SyncTier
 from ._stats import Stats
 from ._tags import TagVersions
-from .exceptions import ConfigurationError, SerializationError
+from .exceptions import CacheError, ConfigurationError, SerializationError
 
 log = logging.getLogger("cachelayer")
 
@@ -95,7 +95,8 @@ class Cache(ReadPath, Invalidator):
 
     Redis trouble:
         strict: raise ``BackendError`` / ``SerializationError`` on Redis trouble or corrupt
-            bytes instead of failing open to the loader.
+            bytes instead of failing open to the loader. An invalidation Redis did not take
+            is queued and sent again all the same.
         redis_timeout: socket and connect timeout of owned clients, in seconds; also how long
             a call waits for a free pooled connection before failing open.
         redis_max_connections: connections in each owned client's pool (one sync pool, and
@@ -410,7 +411,14 @@ class Cache(ReadPath, Invalidator):
         change = self._local_change(keys, expired, tags, batched, written or [])
         since = self._l1.generation
         if change is not None and self._sync_tier is not None:
-            self._sent(change, self._sync_tier.apply(change))
+            try:
+                result = self._sync_tier.apply(change)
+            except BaseException:
+                # Strict mode raises instead of returning FAILED. The change carries every
+                # invalidation that was queued before it: queue it all again, then raise.
+                self._sent(change, FAILED)
+                raise
+            self._sent(change, result)
             self._reapply_local(change)
         return since
 
@@ -426,15 +434,29 @@ class Cache(ReadPath, Invalidator):
         change = self._local_change(keys, expired, tags, batched, written or [])
         since = self._l1.generation
         if change is not None and self._async_tier is not None:
-            self._sent(change, await self._async_tier.apply(change))
+            try:
+                result = await self._async_tier.apply(change)
+            except BaseException:  # strict mode, or cancelled: as in _invalidate_sync
+                self._sent(change, FAILED)
+                raise
+            self._sent(change, result)
             self._reapply_local(change)
         return since
 
     def _flush_pending(self) -> None:
         """Send queued invalidations from the listener thread once Redis is back."""
-        if self._pending and self._sync_tier is not None and self._breaker_allows():
-            change = self._change([], [], [], [])
-            self._sent(change, self._sync_tier.apply_with(self._clients.thread_client(), change))
+        if not (self._pending and self._sync_tier is not None and self._breaker_allows()):
+            return
+        try:
+            client = self._clients.thread_client()
+        except BACKEND_ERRORS:  # a Cluster client with no node to learn the layout from
+            return
+        change = self._change([], [], [], [])  # takes the whole queue: it must go back on failure
+        try:
+            result = self._sync_tier.apply_with(client, change)
+        except CacheError:  # strict mode raises here too; nobody to raise to on this thread
+            result = FAILED
+        self._sent(change, result)
 
     def _breaker_allows(self) -> bool:
         """Would the circuit breaker let a Redis call through now? A look that takes

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import wait_for
+from conftest import subscribed, wait_for
 from proxy import Proxy
 
 from cachelayer import BackendError, Cache
@@ -353,3 +353,49 @@ def test_queued_invalidations_drain_and_reads_reach_redis_after_the_cooldown(
             assert cache.stats()["backend_errors"] == errors
         finally:
             other.close()
+
+
+def fence_moved(url: str, key: str, namespace: str = "cachelayer") -> bool:
+    """Has Redis taken an invalidation of ``key`` (a delete moves the key's fence)?"""
+    client = redis.Redis.from_url(url)
+    try:
+        return client.get(f"{namespace}:v1:fence:{{{key}}}") is not None
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"], indirect=True)
+def test_a_strict_cache_raises_and_keeps_the_invalidations_queued(
+    own_redis: RedisServer, make_cache: Any, api: Any
+) -> None:
+    cache = make_cache(own_redis.url, strict=True, redis_timeout=TIMEOUT)
+    own_redis.stop()
+    with pytest.raises(BackendError):
+        api.delete(cache, "a")
+    with pytest.raises(BackendError):  # sent with "a", which was queued: both fail again
+        api.delete(cache, "b")
+    own_redis.start()  # empty: no fence exists until an invalidation moves it
+    sent = cache.stats()["invalidations_sent"]
+    # Resubscribed, the listener sends the queue: neither delete was lost.
+    wait_for(lambda: fence_moved(own_redis.url, "a") and fence_moved(own_redis.url, "b"))
+    assert cache.stats()["invalidations_sent"] == sent + 1
+
+
+def test_a_strict_cache_keeps_the_queue_when_the_listener_cannot_send_it(
+    own_redis: RedisServer,
+) -> None:
+    """The listener re-sends the queue once a second; in strict mode a failed re-send raises
+    on the listener thread, and the queue it had taken must go back, not vanish."""
+    with Proxy(own_redis.port) as proxy:
+        cache = Cache(proxy.url, strict=True, redis_timeout=TIMEOUT, breaker_threshold=100)
+        try:
+            subscribed(cache)
+            proxy.set_mode("blackhole")  # silent: the subscription survives, calls time out
+            with pytest.raises(BackendError):
+                cache.delete("a")
+            wait_for(lambda: cache.stats()["backend_errors"] >= 2)  # a re-send failed too
+            assert cache.stats()["subscribed"] is True
+            proxy.set_mode("pass")
+            wait_for(lambda: fence_moved(own_redis.url, "a"))
+        finally:
+            cache.close()
