@@ -481,7 +481,12 @@ class Cache(ReadPath, Invalidator):
             return
         now = self._clock()
         for key, (token, until) in list(self._unreleased.items()):
-            done = until <= now or self._sync_tier.release_with(client, key, token) is not FAILED
+            try:
+                done = (
+                    until <= now or self._sync_tier.release_with(client, key, token) is not FAILED
+                )
+            except CacheError:  # strict mode raises instead: the next tick tries again
+                done = False
             if done and self._unreleased.get(key, (None,))[0] == token:
                 del self._unreleased[key]
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ._codec import Entry, decode_value
 from ._flight import CANCELLED, ERROR, OK, Flight, Flights, Outcome
 from ._flow import Result, drive_async, drive_sync, lead
+from ._redis import FAILED
 from .exceptions import LoadTimeoutError
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class ReadPath:
         _rng: Any
 
         def _warn_once(self, event: str, key: str, what: str, detail: object) -> None: ...
+        def _release_later(self, key: str, token: str) -> None: ...
 
         _sync_tier: SyncTier | None
         _async_tier: AsyncTier | None
@@ -193,9 +195,11 @@ class ReadPath:
             flow = lead(self, key, opts, flight, refresh_of)  # type: ignore[arg-type]
             result = drive_sync(flow, self, loader)  # type: ignore[arg-type]
         except BaseException as exc:
-            if flight.lease is not None and self._sync_tier is not None:
-                self._sync_tier.fill(key, b"", 0, *flight.lease, False)  # let others take over now
-            self._flights.finish(key, flight, Flights.classify(exc))
+            try:
+                if flight.lease is not None and self._sync_tier is not None:
+                    self._hand_on_sync(key, flight)  # let others take over now
+            finally:  # whatever happens, no caller may be left waiting on this flight
+                self._flights.finish(key, flight, Flights.classify(exc))
             if refresh_of is not None and isinstance(exc, Exception):
                 self._warn_once("refresh_failed", key, "background refresh failed", repr(exc))
             elif not isinstance(exc, Exception):
@@ -208,6 +212,19 @@ class ReadPath:
         )
         if result[1] == "swr":
             self._refresh_sync(key, loader, opts, result[0], early=False)
+
+    def _hand_on_sync(self, key: str, flight: Flight) -> None:
+        """Release an aborted flight's lease; if Redis does not take it, the listener tries
+        again (``_release_later``) rather than the fleet waiting out the lease's TTL."""
+        assert flight.lease is not None and self._sync_tier is not None
+        token, fence = flight.lease
+        flight.lease = None
+        try:
+            got = self._sync_tier.fill(key, b"", 0, token, fence, False)
+        except Exception:  # strict mode: the load's own ending is what the caller must see
+            got = FAILED
+        if got is FAILED:
+            self._release_later(key, token)
 
     def _refresh_sync(
         self, key: str, loader: Callable[[], Any], opts: Options, entry: Entry, *, early: bool
@@ -280,14 +297,13 @@ class ReadPath:
             flow = lead(self, key, opts, flight, refresh_of)  # type: ignore[arg-type]
             result: Result = await drive_async(flow, self, loader)  # type: ignore[arg-type]
         except BaseException as exc:
-            if flight.lease is not None and self._async_tier is not None:
-                # Cancelled mid-load: hand the lease on rather than make the fleet wait it out.
-                release = self._async_tier.fill(key, b"", 0, *flight.lease, False)
-                try:
-                    await asyncio.wait_for(asyncio.shield(release), 1.0)
-                except BaseException:  # best effort; the lease expires by itself anyway
-                    pass
-            self._flights.finish(key, flight, Flights.classify(exc))
+            try:
+                if flight.lease is not None and self._async_tier is not None:
+                    # Cancelled mid-load: hand the lease on rather than make the fleet wait
+                    # it out.
+                    await self._hand_on_async(key, flight)
+            finally:
+                self._flights.finish(key, flight, Flights.classify(exc))
             if refresh_of is not None and isinstance(exc, Exception):
                 self._warn_once("refresh_failed", key, "background refresh failed", repr(exc))
             elif not isinstance(exc, Exception):
@@ -300,6 +316,21 @@ class ReadPath:
         )
         if result[1] == "swr":
             self._refresh_async(key, loader, opts, result[0], early=False)
+
+    async def _hand_on_async(self, key: str, flight: Flight) -> None:
+        """As ``_hand_on_sync``; waits at most a second for Redis (the task may be
+        cancelled again meanwhile, or Redis be slow): then the listener retries."""
+        assert flight.lease is not None and self._async_tier is not None
+        token, fence = flight.lease
+        flight.lease = None
+        release = asyncio.ensure_future(self._async_tier.fill(key, b"", 0, token, fence, False))
+        try:
+            got = await asyncio.wait_for(asyncio.shield(release), 1.0)
+        except BaseException:  # strict mode's BackendError, a timeout, cancelled again
+            release.add_done_callback(_consume)
+            got = FAILED
+        if got is FAILED:
+            self._release_later(key, token)
 
     def _refresh_async(
         self,
@@ -363,3 +394,10 @@ class ReadPath:
         if outcome is None:
             raise self._timed_out(key, flight, opts)
         return outcome
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a release nobody waits for any more (it is retried anyway),
+    so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()

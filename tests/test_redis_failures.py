@@ -399,3 +399,99 @@ def test_a_strict_cache_keeps_the_queue_when_the_listener_cannot_send_it(
             wait_for(lambda: fence_moved(own_redis.url, "a"))
         finally:
             cache.close()
+
+
+class Interrupted(BaseException):
+    """How a sync load ends when it is interrupted rather than failed (``KeyboardInterrupt``,
+    ``SystemExit``, gevent's ``Timeout``): its flight is aborted, and the runner hands the
+    lease on."""
+
+
+def lease_held(url: str, key: str, namespace: str = "cachelayer") -> bool:
+    client = redis.Redis.from_url(url)
+    try:
+        return bool(client.exists(f"{namespace}:v1:lease:{{{key}}}"))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_interrupted_load_hands_its_lease_on_once_redis_is_back(
+    own_redis: RedisServer, strict: bool
+) -> None:
+    with Proxy(own_redis.port) as proxy:
+        cache = subscribed(Cache(proxy.url, redis_timeout=TIMEOUT, lease_ttl=60, strict=strict))
+
+        def load() -> str:
+            assert lease_held(own_redis.url, "k")
+            proxy.set_mode("drop")  # Redis unreachable when the lease is handed on
+            raise Interrupted
+
+        try:
+            with pytest.raises(Interrupted):  # the load's own ending, also in strict mode
+                cache.get_or_load("k", load)
+            assert lease_held(own_redis.url, "k")  # the release did not reach Redis
+            proxy.set_mode("pass")
+            # The listener releases it once Redis is back, not lease_ttl (60 s) later.
+            wait_for(lambda: not lease_held(own_redis.url, "k"), timeout=10)
+            assert cache.get_or_load("k", lambda: "v") == "v"
+        finally:
+            cache.close()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_cancelled_async_load_hands_its_lease_on_once_redis_is_back(
+    own_redis: RedisServer, strict: bool
+) -> None:
+    with Proxy(own_redis.port) as proxy:
+        cache = subscribed(Cache(proxy.url, redis_timeout=TIMEOUT, lease_ttl=60, strict=strict))
+
+        async def main() -> None:
+            loading = asyncio.Event()
+
+            async def load() -> str:
+                proxy.set_mode("drop")  # Redis unreachable when the lease is handed on
+                loading.set()
+                await asyncio.sleep(60)
+                return "never"
+
+            try:
+                caller = asyncio.create_task(cache.aget_or_load("k", load))
+                await loading.wait()
+                caller.cancel()  # its only caller gone, the load is abandoned
+                with pytest.raises(asyncio.CancelledError):
+                    await caller
+                # The abandoned flight tries to hand the lease on, then ends.
+                await asyncio.to_thread(wait_for, lambda: not len(cache._flights))
+                assert lease_held(own_redis.url, "k")  # the release did not reach Redis
+                proxy.set_mode("pass")
+                await asyncio.to_thread(wait_for, lambda: not lease_held(own_redis.url, "k"), 10)
+            finally:
+                await cache.aclose()
+
+        asyncio.run(main())
+
+
+def test_a_strict_cache_s_listener_retries_a_release_while_redis_is_silent(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Proxy(own_redis.port) as proxy:
+        cache = subscribed(
+            Cache(proxy.url, redis_timeout=TIMEOUT, lease_ttl=60, strict=True, breaker_threshold=9)
+        )
+
+        def load() -> str:
+            proxy.set_mode("blackhole")  # silent: the listener stays subscribed and ticks
+            raise Interrupted
+
+        try:
+            with caplog.at_level(logging.WARNING, logger="cachelayer"):
+                with pytest.raises(Interrupted):
+                    cache.get_or_load("k", load)
+                wait_for(lambda: cache.stats()["backend_errors"] >= 2)  # the listener's retry
+                proxy.set_mode("pass")
+                wait_for(lambda: not lease_held(own_redis.url, "k"), timeout=10)
+            # A failed retry is a Redis failure like any other, not a crash of the listener.
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        finally:
+            cache.close()
