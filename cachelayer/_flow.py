@@ -110,7 +110,11 @@ def _release(
     """Give up a lease without writing, waking any process waiting on it."""
     flight.lease = None
     if token:
-        got = yield (FILL, key, b"", 0, token, fence, False)
+        try:
+            got = yield (FILL, key, b"", 0, token, fence, False)
+        except BaseException:  # strict mode raises (or the flight is torn down): retry too
+            cache._release_later(key, token)
+            raise
         if got is FAILED:
             cache._release_later(key, token)
 
@@ -226,7 +230,12 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
     if use_redis:
         px = redis_px(entry, entry.stored_at)
         flight.lease = None  # the fill releases it
-        got = yield (FILL, key, pack_entry(entry), px, token, fence, px > 0)
+        try:
+            got = yield (FILL, key, pack_entry(entry), px, token, fence, px > 0)
+        except BaseException:  # as in _release
+            if token:
+                cache._release_later(key, token)
+            raise
         if got is FAILED and token:
             cache._release_later(key, token)
         if got == 0:  # invalidated while we loaded: this value must not come back

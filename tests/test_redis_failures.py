@@ -495,3 +495,35 @@ def test_a_strict_cache_s_listener_retries_a_release_while_redis_is_silent(
             assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
         finally:
             cache.close()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("ending", ["raises", "returns"])
+def test_a_finished_load_hands_its_lease_on_once_redis_is_back(
+    own_redis: RedisServer, strict: bool, ending: str
+) -> None:
+    """The flow's own release (after a loader error) and its fill (after a value) go to a
+    Redis that is gone; strict mode raises there, and the release must still be retried."""
+    with Proxy(own_redis.port) as proxy:
+        cache = subscribed(Cache(proxy.url, redis_timeout=TIMEOUT, lease_ttl=60, strict=strict))
+
+        def load() -> str:
+            proxy.set_mode("drop")
+            if ending == "raises":
+                raise RuntimeError("the database is down too")
+            return "v"
+
+        try:
+            if strict:
+                with pytest.raises(BackendError):
+                    cache.get_or_load("k", load)
+            elif ending == "raises":
+                with pytest.raises(RuntimeError):
+                    cache.get_or_load("k", load)
+            else:
+                assert cache.get_or_load("k", load) == "v"
+            assert lease_held(own_redis.url, "k")
+            proxy.set_mode("pass")
+            wait_for(lambda: not lease_held(own_redis.url, "k"), timeout=10)
+        finally:
+            cache.close()
