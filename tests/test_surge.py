@@ -243,6 +243,9 @@ def test_cli_rejects_bad_numbers_with_a_message(
         (["--database-url", "postgresql://127.0.0.1:99999/x"], "malformed PostgreSQL URL"),
         (["--database-url", "postgresql://db.example.com/shop"], "only targets this machine"),
         (["--redis-url", "http://127.0.0.1:6379"], "malformed Redis URL"),
+        (["--redis-url", "redis+cluster://"], "malformed Redis URL"),
+        (["--redis-url", "redis+cluster://127.0.0.1:7000,cache.example.com:7001"], "refusing"),
+        (["--redis-url", "redis+sentinel://127.0.0.1:26379"], "malformed Redis URL"),
     ],
 )
 def test_cli_rejects_bad_urls_before_replaying(
@@ -333,12 +336,14 @@ def test_short_replay_served_by_uvicorn_stops_its_server() -> None:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis
+@pytest.mark.on_cluster
 def test_replay_against_postgresql_and_redis(database_url: str, redis_url: str) -> None:
     result = replay.run(
         Scenario(**SHORT, pool_size=2), database_url=database_url, redis_url=redis_url
     )
     assert_cache_helped(result)
-    assert result["cache_tiers"] == "L1 + Redis"
+    assert result["cache_tiers"] == replay.tiers(redis_url)
+    assert result["cache_tiers"].startswith("L1 + Redis")
     assert result["runs"][1]["cache"]["backend_errors"] == 0
     assert leftover_tables(database_url, result["table_prefix"]) == []
 

@@ -453,9 +453,10 @@ def recovered(cache: Cache) -> bool:
 
 
 @pytest.fixture
-def own_cluster() -> Iterator[RedisClusterServer]:
+def own_cluster(request: pytest.FixtureRequest) -> Iterator[RedisClusterServer]:
+    replicas = getattr(request, "param", 0)
     try:
-        deployment = RedisClusterServer().start()
+        deployment = RedisClusterServer(replicas=replicas).start()
     except FileNotFoundError as exc:
         missing(f"cannot start a Redis Cluster: {exc}")
         raise
@@ -468,7 +469,12 @@ def own_cluster() -> Iterator[RedisClusterServer]:
 @pytest.mark.slow
 @tolerates_redis_py_leaks
 @pytest.mark.usefixtures("collect_leaks")
+@pytest.mark.parametrize(
+    "own_cluster", [0, 1], ids=["no-replicas", "replica-promoted"], indirect=True
+)
 def test_a_cluster_node_restarted_during_traffic(own_cluster: RedisClusterServer) -> None:
+    # Without replicas the node's slots are down until it is back (empty); with one, its
+    # replica is promoted (stop_node waits for that) and the old primary returns as a replica.
     db = Database(keys=60)
     traffic = Traffic(db, keys=60)
     url = own_cluster.cache_url
@@ -490,7 +496,14 @@ def test_a_cluster_node_restarted_during_traffic(own_cluster: RedisClusterServer
     try:
         traffic.run(workers, restart_a_node)
         assert traffic.errors == [], traffic.errors[:3]
-        assert traffic.stale == [], traffic.stale[:5]
+        if own_cluster.replicas:
+            # The promoted replica holds the values as they were when the primary died: a
+            # delete that failed meanwhile is queued, and until it is re-sent (the listener's
+            # next tick, or the writer's next change) its key's old value is in L2. As on
+            # Sentinel, such keys, and only they, may be read stale meanwhile.
+            assert {k for k, _, _ in traffic.stale} <= traffic.queued, traffic.stale[:5]
+        else:
+            assert traffic.stale == [], traffic.stale[:5]  # the node came back empty
         assert max(traffic.latencies) < 1.5
         # Deletes the dead node missed were queued and sent once it was back.
         wait_for(lambda: not writer._pending, timeout=10)

@@ -73,6 +73,18 @@ def check_redis(url: str | None) -> None:
         raise SurgeError(f"cannot reach Redis at {db.redact(url)}: {reason}") from None
 
 
+def tiers(url: str | None) -> str:
+    """The cache's tiers as the report names them."""
+    if not url:
+        return "L1 only"
+    from cachelayer._clients import CLUSTER, SENTINEL, parse_target
+
+    kind = parse_target(url).kind
+    return {CLUSTER: "L1 + Redis Cluster", SENTINEL: "L1 + Redis (Sentinel)"}.get(
+        kind, "L1 + Redis"
+    )
+
+
 def _refuse_remote(hosts: list[str]) -> None:
     for host in hosts:
         if not db.is_loopback(host):
@@ -222,7 +234,7 @@ async def replay(
         "phases": [dataclasses.asdict(p) for p in phases],
         "database": target.label,
         "table_prefix": target.prefix,
-        "cache_tiers": "L1 + Redis" if redis_url else "L1 only",
+        "cache_tiers": tiers(redis_url),
         "app": "uvicorn on 127.0.0.1, generator in another process"
         if serve
         else "in process (ASGI)",
