@@ -81,6 +81,12 @@ _SIMPLE_COUNTERS = (
         "Times the invalidation subscription was lost.",
         "subscription_losses",
     ),
+    (
+        "cachelayer_invalidations_unconfirmed",
+        "Invalidations sent that too few replicas acknowledged in time (invalidation_replicas); "
+        "each stays queued and is sent again.",
+        "invalidations_unconfirmed",
+    ),
 )
 
 # Gauges that are one field each; a field that is None (no Redis, no origin limit) is left out.

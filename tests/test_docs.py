@@ -91,6 +91,12 @@ def rules() -> list[dict[str, str]]:
     return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
+def test_the_metrics_page_documents_every_exported_name() -> None:
+    page = (OPS / "metrics.md").read_text()
+    for name in sorted(EXPORTED):
+        assert f"`{name}`" in page, f"{name} is exported but not in docs/operations/metrics.md"
+
+
 def test_alert_rules_name_only_exported_metrics() -> None:
     for rule in rules():
         for name in METRIC.findall(rule["expr"]):

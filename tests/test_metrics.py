@@ -43,6 +43,7 @@ EXPORTED = {
     "cachelayer_subscribed",
     "cachelayer_subscription_losses_total",
     "cachelayer_invalidations_total",
+    "cachelayer_invalidations_unconfirmed_total",
     "cachelayer_l1_entries",
     "cachelayer_l1_evictions_total",
     "cachelayer_refreshes_total",
@@ -325,6 +326,29 @@ def test_redis_state_and_invalidations_are_exported(redis_url: str) -> None:
     finally:
         writer.close()
         reader.close()
+
+
+@pytest.mark.redis
+def test_invalidations_too_few_replicas_acknowledged_are_exported(redis_url: str) -> None:
+    registry = CollectorRegistry()
+    # One server with no replica: WAIT 1 answers 0, so no invalidation is ever confirmed.
+    cache = subscribed(
+        Cache(
+            redis_url,
+            namespace="lag",
+            invalidation_replicas=1,
+            metrics=PrometheusMetrics(registry),
+        )
+    )
+    try:
+        name = "cachelayer_invalidations_unconfirmed_total"
+        assert value(registry, name, cache="lag") == 0
+        cache.delete("k")
+        # Queued, it is sent again (and unconfirmed again) every second: at least once.
+        assert value(registry, name, cache="lag") >= 1
+        assert value(registry, "cachelayer_invalidations_total", cache="lag", source="local") == 0
+    finally:
+        cache.close()
 
 
 def test_an_l1_only_cache_exports_no_redis_gauges() -> None:
