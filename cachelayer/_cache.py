@@ -57,10 +57,11 @@ class Cache(ReadPath, Invalidator):
         namespace: prefix of every Redis key; caches sharing a namespace share entries.
         l1_maxsize: entries kept in process; 0 disables L1.
         l1_ttl: cap, in seconds, on how long this process trusts its own copy of an entry.
-        degraded_l1_ttl: while this process cannot hear invalidations (Redis unreachable,
-            subscription lost or not yet made), L1 drops what it had and keeps new entries
-            at most this many seconds; 0 bypasses L1 entirely (every read then goes to Redis,
-            or to the loader if Redis is down).
+        degraded_l1_ttl: while this process cannot hear invalidations (its subscription
+            lost, as when Redis is unreachable, or not yet made), L1 drops what it had and
+            keeps new entries at most this many seconds; 0 bypasses L1 entirely (every read
+            then goes to Redis, or to the loader if Redis is down). An open circuit breaker
+            alone does not count: L1 is kept as usual while the subscription holds.
         l1_copy: if True, L1 keeps encoded bytes and every caller gets its own decoded copy,
             so mutating a returned value can never affect another caller. If False (default,
             and much faster), callers in one process share the object L1 holds: treat

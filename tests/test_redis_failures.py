@@ -527,3 +527,37 @@ def test_a_finished_load_hands_its_lease_on_once_redis_is_back(
             wait_for(lambda: not lease_held(own_redis.url, "k"), timeout=10)
         finally:
             cache.close()
+
+
+def test_an_open_circuit_alone_keeps_l1_as_usual(own_redis: RedisServer) -> None:
+    """Only a lost subscription limits L1 to degraded_l1_ttl (docs/operations/runbooks.md):
+    with the circuit open but invalidations still heard, L1 serves its entries as usual."""
+    from cachelayer.testing import FakeClock
+
+    clock = FakeClock()
+    with Proxy(own_redis.port) as proxy:
+        cache = subscribed(
+            Cache(
+                proxy.url,
+                clock=clock,
+                jitter=0,
+                early_refresh_beta=0,
+                degraded_l1_ttl=1,
+                breaker_threshold=1,
+                breaker_cooldown=3600,
+                redis_timeout=TIMEOUT,
+            )
+        )
+        loader = Counter()
+        try:
+            assert cache.get_or_load("k", loader, ttl=60) == "loaded-1"
+            proxy.set_mode("blackhole")  # commands time out; the subscription stays up
+            assert cache.get("absent") is None  # fails, and opens the circuit
+            assert cache.stats()["circuit_open"] is True
+            assert cache.stats()["subscribed"] is True
+            clock.advance(30)  # far past degraded_l1_ttl, well within the entry's ttl
+            assert cache.get_or_load("k", loader) == "loaded-1"
+            assert loader.calls == 1
+        finally:
+            proxy.set_mode("pass")
+            cache.close()
