@@ -215,6 +215,7 @@ class Cache(ReadPath, Invalidator):
         self._callbacks = []
         self._pending = {}
         self._pending_lock = threading.Lock()
+        self._queue_warned = False  # a WARNING said invalidations are queued; not yet sent
         self._unreleased: dict[str, tuple[str, float]] = {}
         self._warned: dict[str, set[str]] = {}
         # With Redis, L1 is trusted only while this process hears invalidations.
@@ -446,7 +447,8 @@ class Cache(ReadPath, Invalidator):
 
     def _flush_pending(self) -> None:
         """Send queued invalidations from the listener thread once Redis is back."""
-        if not (self._pending and self._sync_tier is not None and self._breaker_allows()):
+        # would_allow, not available: the flush's own call takes the half-open probe.
+        if not (self._pending and self._sync_tier is not None and self._health.would_allow()):
             return
         try:
             client = self._clients.thread_client()
@@ -458,15 +460,6 @@ class Cache(ReadPath, Invalidator):
         except CacheError:  # strict mode raises here too; nobody to raise to on this thread
             result = FAILED
         self._sent(change, result)
-
-    def _breaker_allows(self) -> bool:
-        """Would the circuit breaker let a Redis call through now? A look that takes
-        nothing: ``BackendHealth.available()`` hands out the single half-open probe, and
-        the flush's own call (``apply_with``) asks for it again; taken here, it would be
-        refused there and never given back, leaving the circuit open for good."""
-        health = self._health
-        until = health.open_until
-        return not until or (health.clock() >= until and not health.probing)
 
     def _release_later(self, key: str, token: str) -> None:
         """A lease whose release Redis did not take: try again from the listener thread,

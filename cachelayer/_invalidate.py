@@ -131,6 +131,7 @@ class Invalidator:
     _callbacks: list[Callable[[Invalidation], Any]]
     _pending: dict[tuple[str, str], None]
     _pending_lock: threading.Lock
+    _queue_warned: bool
 
     def on_invalidate(
         self, callback: Callable[[Invalidation], Any]
@@ -224,6 +225,12 @@ class Invalidator:
     def _sent(self, change: Change, result: Any) -> None:
         if result is not FAILED:
             self._stats.invalidations_sent += 1
+            if self._queue_warned and not self._pending:
+                self._queue_warned = False
+                log.info(
+                    "cachelayer: queued invalidations sent; queue empty",
+                    extra={"event": "invalidations_drained"},
+                )
             return
         # A write Redis may not have taken is retried as a delete: other processes then drop
         # their copy and reload, which is right whichever value Redis ended up with.
@@ -241,9 +248,14 @@ class Invalidator:
                 del self._pending[dropped]
                 log.error("cachelayer: invalidation queue full; dropped %r", dropped)
             queued = len(self._pending)
-        log.warning(
+        # Once per episode: the listener retries every second while Redis stays away.
+        level = logging.DEBUG if self._queue_warned else logging.WARNING
+        self._queue_warned = True
+        log.log(
+            level,
             "cachelayer: redis did not take an invalidation; applied locally, %d queued for retry",
             queued,
+            extra={"event": "invalidations_queued"},
         )
 
     @staticmethod

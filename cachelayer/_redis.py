@@ -97,6 +97,11 @@ class BackendHealth:
             self.probing = True
             return True
 
+    def would_allow(self) -> bool:
+        """Would ``available()`` say yes now? A look that takes no probe and counts no skip,
+        for a caller that asks ``available()`` (through ``_call``) right after."""
+        return not self.open_until or (self.clock() >= self.open_until and not self.probing)
+
     def ok(self) -> None:
         if self.failures or not self.healthy or self.open_until:
             with self._lock:

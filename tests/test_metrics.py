@@ -439,3 +439,24 @@ def test_a_thousand_calls_through_redis_at_info_log_nothing_per_request(redis_ur
         logger.setLevel(old)
         cache.close()
     assert [r.getMessage() for r in records] == []
+
+
+@pytest.mark.redis
+def test_queued_invalidations_are_logged_once_per_episode(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = Cache(own_redis.url, namespace="q", redis_timeout=0.25, breaker_threshold=100)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="cachelayer"):
+            own_redis.stop()
+            for i in range(5):  # each send fails, and takes the queue with it
+                cache.delete(f"k{i}")
+            own_redis.start()
+            cache.delete("last")  # sends the queue as well
+        events = [(r.levelno, getattr(r, "event", None)) for r in caplog.records]
+        queued = [level for level, event in events if event == "invalidations_queued"]
+        assert queued == [logging.WARNING] + [logging.DEBUG] * 4
+        assert (logging.INFO, "invalidations_drained") in events
+        assert not cache._pending
+    finally:
+        cache.close()
