@@ -367,3 +367,31 @@ def test_surge_error_messages_are_for_people() -> None:
         db.parse_database_url("sqlite://")
     assert db.parse_database_url(None) == ("sqlite", "")
     assert db.parse_database_url("postgresql:///test?host=/var/run/postgresql")[0] == "postgresql"
+
+
+def test_a_load_the_origin_guard_sheds_is_a_503_not_a_crash() -> None:
+    import httpx
+
+    from cachelayer import Cache
+    from cachelayer.surge.app import build_app
+
+    class SlowShop:  # the database side only; the cache and the app are the real ones
+        async def product(self, product_id: int) -> dict[str, int]:
+            await asyncio.sleep(0.3)
+            return {"id": product_id}
+
+        async def category(self, category_id: int) -> None:
+            return None
+
+        async def cart(self, session: str) -> None:
+            return None
+
+    async def main() -> list[int]:
+        cache = Cache(None, namespace="shed", origin_limit=1, origin_wait=0.05)
+        app = build_app(SlowShop(), cache)  # type: ignore[arg-type]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop.local") as c:
+            replies = await asyncio.gather(c.get("/products/1"), c.get("/products/2"))
+        return sorted(r.status_code for r in replies)
+
+    assert asyncio.run(main()) == [200, 503]

@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cachelayer.exceptions import OriginOverloadedError
+
 from .db import Shop
 from .pool import DatabaseError, InjectedFailureError, PoolTimeoutError
 from .scenario import Scenario, SurgeError
@@ -30,6 +32,9 @@ FAILURE_STATUS: dict[type[Exception], int] = {
     InjectedFailureError: 502,  # the database failed the query (the brown-out's share)
     PoolTimeoutError: 503,  # no connection became free in time
     DatabaseError: 500,  # the database really failed
+    # The cache's origin guard shed the load (origin_limit loads running for origin_wait)
+    # and had no stale copy to serve instead: the shop is overloaded, and says so.
+    OriginOverloadedError: 503,
 }
 INJECTED_STATUS = FAILURE_STATUS[InjectedFailureError]
 OVERLOAD_ERRORS = tuple(FAILURE_STATUS)
