@@ -154,8 +154,10 @@ def lead(cache: Cache, key: str, opts: Options, flight: Flight, refresh_of: Entr
             if got is FAILED:
                 # Redis may have taken the lease and only the answer been lost (a
                 # connection dropped mid-reply): release it after the load, best effort,
-                # or the whole fleet waits out its TTL on a lease nobody holds.
+                # or the whole fleet waits out its TTL on a lease nobody holds. The runner
+                # releases it too if the load is aborted (cancelled, or a BaseException).
                 use_redis, token, orphan = False, "", token
+                flight.lease = (orphan, fence)
                 break
             taken, pttl, waiter = got
             if taken:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,47 @@ _STALE_COUNTERS = {
     "soft_timeout": "stale_soft_timeout",
     "lease_timeout": "stale_lease_timeout",
 }
+
+# How many times in a row a caller joins a new flight after one ended with nothing to share
+# (CANCELLED) before it loads on its own: such an ending is someone else's cancellation or
+# interruption, so trying again is right, but a caller must never spin on them.
+_RETRIES = 3
+_INTERRUPTS = (KeyboardInterrupt, SystemExit)
+
+
+def _ending_sync(exc: BaseException, inline: bool) -> Outcome:
+    """What the callers of a sync flight see of its end by ``exc``. In the caller's own thread
+    a ``BaseException`` may be that caller's interruption (``KeyboardInterrupt``, gevent's
+    ``Timeout``): it is raised to that caller alone, the others load again. In a thread of
+    the load's own nothing interrupts it: whatever ends it is the loader's, shared."""
+    if inline and not isinstance(exc, Exception):
+        return CANCELLED, None
+    return ERROR, exc
+
+
+def _ending_async(exc: BaseException) -> Outcome:
+    """What the callers of an async flight see of its end by ``exc``: nothing (they load
+    again) if the flight's task was cancelled (abandoned by its last waiter, its loop shutting
+    down) or the loop is being stopped; otherwise the loader's own ending, ``CancelledError``
+    and other ``BaseException``s included, shared as any error is."""
+    if isinstance(exc, Exception):
+        return ERROR, exc
+    if isinstance(exc, _INTERRUPTS) or _task_cancelled(exc):
+        return CANCELLED, None
+    return ERROR, exc
+
+
+if sys.version_info >= (3, 11):
+
+    def _task_cancelled(exc: BaseException) -> bool:
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+else:  # pragma: no cover - no Task.cancelling(): take a CancelledError for one (callers
+    # retry, at most _RETRIES times)
+
+    def _task_cancelled(exc: BaseException) -> bool:
+        return isinstance(exc, asyncio.CancelledError)
 
 
 class ReadPath:
@@ -190,20 +232,25 @@ class ReadPath:
         opts: Options,
         flight: Flight,
         refresh_of: Entry | None,
+        inline: bool = False,
     ) -> None:
+        """Run ``flight``'s load: in the leader's own thread when ``inline``, else in a
+        thread of its own (whose end must reach the callers as an outcome, never as an
+        exception escaping the thread)."""
         try:
             flow = lead(self, key, opts, flight, refresh_of)  # type: ignore[arg-type]
             result = drive_sync(flow, self, loader)  # type: ignore[arg-type]
         except BaseException as exc:
+            outcome = _ending_sync(exc, inline)
             try:
                 if flight.lease is not None and self._sync_tier is not None:
                     self._hand_on_sync(key, flight)  # let others take over now
             finally:  # whatever happens, no caller may be left waiting on this flight
-                self._flights.finish(key, flight, Flights.classify(exc))
-            if refresh_of is not None and isinstance(exc, Exception):
+                self._flights.finish(key, flight, outcome)
+            if outcome[0] == CANCELLED:
+                raise  # the leader's caller was interrupted: only it sees why
+            if refresh_of is not None:
                 self._warn_once("refresh_failed", key, "background refresh failed", repr(exc))
-            elif not isinstance(exc, Exception):
-                raise
             return
         # A refresh that found nothing to do has no fresh value for callers who queued
         # behind it: they try again (and start, or wait for, a real load).
@@ -236,6 +283,7 @@ class ReadPath:
             threading.Thread(target=self._run_flight_sync, args=args, daemon=True).start()
 
     def _load_sync(self, key: str, loader: Callable[[], Any], opts: Options) -> Any:
+        retries = 0
         while True:
             now = self._clock()
             entry = self._l1.data.get(key)
@@ -252,7 +300,7 @@ class ReadPath:
                 flight.tags = opts.tags
                 flight.since = self._l1.generation
                 if opts.soft_timeout is None and opts.hard_timeout is None:
-                    self._run_flight_sync(key, loader, opts, flight, None)
+                    self._run_flight_sync(key, loader, opts, flight, None, inline=True)
                 else:  # the caller must be free to stop waiting
                     args = (key, loader, opts, flight, None)
                     threading.Thread(target=self._run_flight_sync, args=args, daemon=True).start()
@@ -264,7 +312,10 @@ class ReadPath:
                 return self._delivered(entry, how)
             if kind == ERROR:
                 raise result
-            if result == "same-loop":  # cannot wait on our own loop: load independently
+            retries += 1
+            if result == "same-loop" or retries > _RETRIES:
+                # Cannot wait on our own loop, or flights keep ending with nothing to
+                # share: load independently.
                 return loader()
             # CANCELLED elsewhere: nothing to share, try again
 
@@ -297,17 +348,20 @@ class ReadPath:
             flow = lead(self, key, opts, flight, refresh_of)  # type: ignore[arg-type]
             result: Result = await drive_async(flow, self, loader)  # type: ignore[arg-type]
         except BaseException as exc:
+            outcome = _ending_async(exc)  # before the hand-on, which may be cancelled too
             try:
                 if flight.lease is not None and self._async_tier is not None:
-                    # Cancelled mid-load: hand the lease on rather than make the fleet wait
-                    # it out.
+                    # Cancelled or failed mid-load: hand the lease on rather than make the
+                    # fleet wait it out.
                     await self._hand_on_async(key, flight)
             finally:
-                self._flights.finish(key, flight, Flights.classify(exc))
-            if refresh_of is not None and isinstance(exc, Exception):
+                self._flights.finish(key, flight, outcome)
+            if outcome[0] == CANCELLED and isinstance(exc, (asyncio.CancelledError, *_INTERRUPTS)):
+                raise  # the task ends cancelled; the loop stops on an interrupt
+            # Anything else went to the callers in the outcome: raised here as well, it
+            # would only be logged as a task exception never retrieved.
+            if outcome[0] == ERROR and refresh_of is not None:
                 self._warn_once("refresh_failed", key, "background refresh failed", repr(exc))
-            elif not isinstance(exc, Exception):
-                raise
             return
         # A refresh that found nothing to do has no fresh value for callers who queued
         # behind it: they try again (and start, or wait for, a real load).
@@ -352,6 +406,7 @@ class ReadPath:
     async def _load_async(
         self, key: str, loader: Callable[[], Awaitable[Any]], opts: Options
     ) -> Any:
+        retries = 0
         while True:
             now = self._clock()
             entry = self._l1.data.get(key)
@@ -380,6 +435,9 @@ class ReadPath:
             if kind == ERROR:
                 raise result
             assert kind == CANCELLED  # cancelled elsewhere: nothing to share, try again
+            retries += 1
+            if retries > _RETRIES:  # flights keep ending with nothing to share
+                return await loader()
 
     async def _await_async(self, key: str, flight: Flight, opts: Options) -> Outcome:
         soft, hard = opts.soft_timeout, opts.hard_timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import random
@@ -31,7 +32,7 @@ class Loader:
     def __init__(self, value: Any = "loaded") -> None:
         self.value = value
         self.calls = 0
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
     def __call__(self) -> Any:
         self.calls += 1
@@ -108,6 +109,53 @@ def test_loader_exceptions_pass_through_unchanged_and_are_not_cached(
     assert api.get_or_load(cache, "k", loader) == "loaded"
     assert loader.calls == 2
     assert cache.stats()["load_errors"] == 1
+
+
+class Abort(BaseException):
+    """A loader's own ending that is not an ``Exception`` (nor the caller's interruption)."""
+
+
+@pytest.mark.parametrize("hard_timeout", [None, 5.0])
+def test_a_loader_s_base_exception_passes_through_once_and_is_not_cached(
+    api: SyncAPI, make_cache: Callable[..., Cache], tiers: Any, hard_timeout: float | None
+) -> None:
+    cache = make_cache(tiers)
+    loader = Loader()
+    abort = loader.error = Abort()
+    with pytest.raises(Abort) as info:
+        api.get_or_load(cache, "k", loader, hard_timeout=hard_timeout)
+    assert info.value is abort
+    assert loader.calls == 1
+    loader.error = None
+    assert api.get_or_load(cache, "k", loader, hard_timeout=hard_timeout) == "loaded"
+    assert loader.calls == 2
+
+
+def test_a_background_refresh_ended_by_a_base_exception_is_logged_and_stale_is_served(
+    api: SyncAPI,
+    make_cache: Callable[..., Cache],
+    tiers: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    cache = make_cache(tiers, clock=clock, ttl=10, stale_ttl=60)
+    loader = Loader("v1")
+    assert api.get_or_load(cache, "k", loader) == "v1"
+    clock.advance(15)
+    loader.error = Abort()
+    with caplog.at_level(logging.WARNING):
+        assert api.get_or_load(cache, "k", loader) == "v1"  # stale; refreshed in background
+        api.settle(cache)
+        gc.collect()  # asyncio logs a task's unretrieved exception when it is collected
+    assert loader.calls == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("background refresh failed" in m and "Abort" in m for m in messages)
+    assert not [m for m in messages if "never retrieved" in m]
+    loader.error = None
+    assert api.get_or_load(cache, "k", loader) == "v1"  # still stale: serves, refreshes
+    api.settle(cache)
+    assert api.get_or_load(cache, "k", loader) == "v1"
+    assert loader.calls == 3
 
 
 def test_entries_expire_after_their_ttl(
