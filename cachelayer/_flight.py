@@ -130,10 +130,6 @@ class Flights:
                 except RuntimeError:  # that loop is closed; its waiter is gone with it
                     pass
 
-    @staticmethod
-    def classify(exc: BaseException) -> Outcome:
-        return (ERROR, exc) if isinstance(exc, Exception) else (CANCELLED, None)
-
     # --- waiting ------------------------------------------------------------------------
 
     def wait_sync(self, flight: Flight, timeout: float | None) -> Outcome | None:
