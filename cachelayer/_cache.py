@@ -8,6 +8,7 @@ drivers in ``_flow`` run it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -211,6 +212,7 @@ class Cache(ReadPath, Invalidator):
         self._bus = Bus(self._clients.subscriber, self._rkeys.channel, self._has_l2)
         self._bus.handlers.append(self._on_message)
         self._flights = Flights()
+        self._background = set()
         self._tag_versions = TagVersions(authoritative=not self._has_l2)
         self._callbacks = []
         self._pending = {}
@@ -677,9 +679,34 @@ class Cache(ReadPath, Invalidator):
         self._bus.start()
         return await self._load_async(check_key(key), loader, opts)  # type: ignore[no-any-return]
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Close the listener and the clients the cache made (those it was given are yours).
+
+        Loads and lease releases this event loop still runs for the cache (a load goes on
+        when the caller that started it is cancelled: others may wait on it) get up to
+        ``timeout`` seconds to end, then are cancelled; so they release their leases, and
+        none reopens a client after this returns.
+        """
+        await self._settle(timeout)
         self._bus.close()
         await self._clients.aclose()
+
+    async def _settle(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        cancelled = False
+        while True:
+            mine = [t for t in self._background if t.get_loop() is loop and not t.done()]
+            left = deadline - loop.time()
+            if not mine or (left <= 0 and cancelled):
+                return
+            if left <= 0:
+                for task in mine:
+                    task.cancel()
+                # A cancelled load hands its lease on in a task of its own: a moment for it.
+                cancelled, deadline = True, loop.time() + 1.0
+                continue
+            await asyncio.wait(mine, timeout=left)
 
     async def __aenter__(self) -> Cache:
         return self

@@ -21,7 +21,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ._codec import Entry, decode_value
@@ -115,6 +115,16 @@ class ReadPath:
         _async_tier: AsyncTier | None
 
     _throttle: dict[str, float]
+    _background: set[asyncio.Task[Any]]
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``work`` beside its caller, tracked, so that ``aclose`` can wait for it: a
+        load or a lease release still running after the cache closed would reopen a client
+        that nothing closes."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # --- decisions (no I/O, shared) -----------------------------------------------------
 
@@ -377,7 +387,7 @@ class ReadPath:
         assert flight.lease is not None and self._async_tier is not None
         token, fence = flight.lease
         flight.lease = None
-        release = asyncio.ensure_future(self._async_tier.fill(key, b"", 0, token, fence, False))
+        release = self._spawn(self._async_tier.fill(key, b"", 0, token, fence, False))
         try:
             got = await asyncio.wait_for(asyncio.shield(release), 1.0)
         except BaseException:  # strict mode's BackendError, a timeout, cancelled again
@@ -399,9 +409,7 @@ class ReadPath:
         if flight is not None:
             self._stats.early_refreshes += early
             flight.loop = asyncio.get_running_loop()
-            flight.task = flight.loop.create_task(
-                self._run_flight_async(key, loader, opts, flight, entry)
-            )
+            flight.task = self._spawn(self._run_flight_async(key, loader, opts, flight, entry))
 
     async def _load_async(
         self, key: str, loader: Callable[[], Awaitable[Any]], opts: Options
@@ -423,9 +431,7 @@ class ReadPath:
                 flight.tags = opts.tags
                 flight.since = self._l1.generation
                 flight.loop = asyncio.get_running_loop()
-                flight.task = flight.loop.create_task(
-                    self._run_flight_async(key, loader, opts, flight, None)
-                )
+                flight.task = self._spawn(self._run_flight_async(key, loader, opts, flight, None))
             kind, result = await self._await_async(key, flight, opts)
             if kind == OK:
                 entry, how, early = self._settled(result, leader)

@@ -584,3 +584,53 @@ def test_a_caller_whose_flights_keep_being_cancelled_elsewhere_loads_on_its_own(
 
     assert asyncio.run(main()) == "v"
     assert calls == 5  # a flight and three retries cancelled, then a load of its own
+
+
+# --- closing with loads in flight ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("caller_cancelled", [False, True], ids=["waited-for", "abandoned"])
+def test_aclose_ends_the_loads_in_flight_and_releases_their_leases(
+    redis_url: str, caller_cancelled: bool
+) -> None:
+    # aclose waits for a load still running (its caller gets the value), or for the lease
+    # release of a load its caller abandoned: either way the lease is released, and no
+    # client is reopened after the cache closed (on a Cluster that showed as "Unclosed
+    # RedisCluster client" at exit).
+    namespace = f"settle-{caller_cancelled}"
+
+    async def main() -> tuple[Cache, Any]:
+        cache = Cache(redis_url, namespace=namespace, lease_ttl=60)
+        started = asyncio.Event()
+
+        async def load() -> str:
+            started.set()
+            await asyncio.sleep(30 if caller_cancelled else 0.3)
+            return "v"
+
+        caller = asyncio.ensure_future(cache.aget_or_load("k", load))
+        await started.wait()
+        if caller_cancelled:
+            caller.cancel()
+        await cache.aclose(timeout=2.0)
+        got = await asyncio.gather(caller, return_exceptions=True)
+        return cache, got[0]
+
+    cache, got = asyncio.run(main())
+    try:
+        assert cache._clients._async_owned == {}  # nothing reopened it
+        assert not cache._background
+        _, lease, _, _ = cache._rkeys.coordination("k")
+        client = redis_client(redis_url)
+        try:
+            assert client.exists(lease) == 0
+        finally:
+            client.close()
+        if caller_cancelled:
+            assert isinstance(got, asyncio.CancelledError)
+            assert cache.get("k") is None
+        else:
+            assert got == "v"
+            assert cache.get("k") == "v"  # stored before the cache closed
+    finally:
+        cache.close()
