@@ -39,19 +39,24 @@ async def new() -> str:
     return "new"
 
 
-# A node killed under an asyncio client leaves redis-py (8.2) holding connections it never
-# closes: the Cluster client drops nodes it no longer knows (and their busy connections), and
-# they are garbage once the loop is gone. Ours are closed (``Cache.aclose``); these are not
-# ours to close. The fault tests collect them before they end, under this filter, so that the
-# warnings neither fail an unrelated later test nor hide one of ours elsewhere.
+# A node killed under an asyncio client leaves redis-py (8.2) connections it never closes
+# (the Cluster client drops nodes it no longer knows, the Sentinel pool the old primary's),
+# garbage once the loop is gone. Ours are closed (``Cache.aclose``); these are not ours to
+# close. The fault tests collect them before they end, under this filter, so the warnings
+# neither fail a later test nor crash the session's end.
 tolerates_redis_py_leaks = pytest.mark.filterwarnings(
     "ignore::pytest.PytestUnraisableExceptionWarning", "ignore::ResourceWarning"
 )
 
 
 @pytest.fixture
-def collect_leaks() -> Iterator[None]:
+def collect_leaks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
+    # The log records pytest keeps for the report hold the Redis errors they mention, and
+    # through their tracebacks the connections: only their text is needed from here on.
+    for when in ("setup", "call"):
+        for record in caplog.get_records(when):
+            record.msg, record.args, record.exc_info = record.getMessage(), (), None
     gc.collect()
 
 
@@ -321,6 +326,19 @@ class Traffic:
         assert not any(t.is_alive() for t in threads), "a caller hung"
 
 
+def assert_latency_bounded(latencies: list[float]) -> None:
+    """The added latency a failover may cost a caller. Most calls pay at most one failed
+    Redis call (refused, or a 0.25 s timeout, tried twice), then the circuit opens and calls
+    skip Redis. The slowest are waiters on a lease whose holder could not release it while
+    Redis was away: they look again every 0.5 s (``LEASE_RECHECK``) until the holder's
+    listener releases it once Redis is back. Measured on a loaded 2-core machine: p99 up to
+    0.2 s, the slowest call 1.65 s."""
+    worst = max(latencies)
+    p99 = statistics.quantiles(latencies, n=100)[-1]
+    assert p99 < 0.5, (p99, worst)
+    assert worst < 2.5, (worst, p99)
+
+
 @pytest.mark.redis
 @pytest.mark.cluster
 @pytest.mark.slow
@@ -358,10 +376,7 @@ def test_a_sentinel_failover_under_concurrent_callers(sentinels: SentinelSet) ->
         # only for those keys, a reader may still get the value it replaced.
         assert {k for k, _, _ in traffic.stale} <= traffic.queued, traffic.stale[:5]
         assert len(traffic.latencies) > 500
-        # Each call pays at most one failed Redis call (0.25 s timeout), then the circuit
-        # opens and calls skip Redis; the bound is generous for a loaded CI machine.
-        worst = max(traffic.latencies)
-        assert worst < 1.5, (worst, statistics.quantiles(traffic.latencies, n=100)[-1])
+        assert_latency_bounded(traffic.latencies)
 
         # After the failover: the circuit is closed, and invalidations reach every process.
         for cache in (threads_cache, writer_cache):
@@ -504,7 +519,7 @@ def test_a_cluster_node_restarted_during_traffic(own_cluster: RedisClusterServer
             assert {k for k, _, _ in traffic.stale} <= traffic.queued, traffic.stale[:5]
         else:
             assert traffic.stale == [], traffic.stale[:5]  # the node came back empty
-        assert max(traffic.latencies) < 1.5
+        assert_latency_bounded(traffic.latencies)
         # Deletes the dead node missed were queued and sent once it was back.
         wait_for(lambda: not writer._pending, timeout=10)
         for k, version in traffic.deleting.items():
