@@ -186,7 +186,10 @@ class Invalidator:
                 self._bus.channel,
                 extra={"event": "subscribed"},
             )
+            # Redis is back: other processes may be waiting on leases this one could not
+            # release meanwhile, so hand them on now rather than at the next tick.
             self._flush_pending()
+            self._release_leases()
         elif kind == "tick":  # retry what Redis missed, once a second
             if self._pending:
                 self._flush_pending()

@@ -561,3 +561,23 @@ def test_an_open_circuit_alone_keeps_l1_as_usual(own_redis: RedisServer) -> None
         finally:
             proxy.set_mode("pass")
             cache.close()
+
+
+def test_a_resubscribed_listener_hands_on_the_leases_it_could_not_release(
+    own_redis: RedisServer,
+) -> None:
+    """Other processes wait on a lease whose release Redis missed until this one hands it
+    on: as soon as its listener is back (the moment Redis is), not at its next tick. In a
+    Sentinel failover, waiting for the tick made the slowest caller wait 1.65 s."""
+    cache = subscribed(Cache(own_redis.url, lease_ttl=60))
+    try:
+        token = "t-1"
+        _, lease, _, _ = cache._rkeys.coordination("k")
+        with redis.Redis.from_url(own_redis.url) as client:
+            client.set(lease, token, px=60_000)  # taken by this process; its fill failed
+        cache._release_later("k", token)
+        cache._on_message("subscribed", "", None)  # what the listener emits once back
+        assert not lease_held(own_redis.url, "k")
+        assert not cache._unreleased
+    finally:
+        cache.close()

@@ -327,16 +327,16 @@ class Traffic:
 
 
 def assert_latency_bounded(latencies: list[float]) -> None:
-    """The added latency a failover may cost a caller. Most calls pay at most one failed
-    Redis call (refused, or a 0.25 s timeout, tried twice), then the circuit opens and calls
-    skip Redis. The slowest are waiters on a lease whose holder could not release it while
-    Redis was away: they look again every 0.5 s (``LEASE_RECHECK``) until the holder's
-    listener releases it once Redis is back. Measured on a loaded 2-core machine: p99 up to
-    0.2 s, the slowest call 1.65 s."""
+    """The added latency a failover may cost a caller: at most one failed Redis call
+    (refused, or a 0.25 s timeout, tried twice), then the circuit opens and calls skip
+    Redis. Waiters on a lease whose holder could not release it while Redis was away are
+    handed the lease as soon as the holder's listener resubscribes (before that fix the
+    slowest call took 1.65 s). Measured on a loaded 2-core machine: p99 10-21 ms, the
+    slowest call 0.09-0.31 s; the bounds leave room for a slower CI machine."""
     worst = max(latencies)
     p99 = statistics.quantiles(latencies, n=100)[-1]
     assert p99 < 0.5, (p99, worst)
-    assert worst < 2.5, (worst, p99)
+    assert worst < 1.5, (worst, p99)
 
 
 @pytest.mark.redis
