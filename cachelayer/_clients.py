@@ -159,6 +159,10 @@ class Clients:
         self.async_given: Any = None
         self._async_owned: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
         self._thread: Any = None
+        # The Sentinel objects behind owned clients: their connections to the sentinels
+        # (to find the primary) are theirs to close, not the primary's client's.
+        self._sync_discovery: list[Any] = []
+        self._discovery: dict[asyncio.AbstractEventLoop, Any] = {}
         self._lock = threading.Lock()
         self._options = client_options(timeout)
         self.timeout = timeout
@@ -247,9 +251,9 @@ class Clients:
             )
         if target.kind == SENTINEL:
             # redis-py's Sentinel pool cannot block; sync callers are bounded by threads.
-            return self._sentinel(redis.sentinel.Sentinel, target).master_for(
-                target.service, **opts
-            )
+            sentinel = self._sentinel(redis.sentinel.Sentinel, target)
+            self._sync_discovery.append(sentinel)
+            return sentinel.master_for(target.service, **opts)
         # A blocking pool: in a surge, more concurrent Redis calls than connections must
         # queue for one (up to the timeout, then fail open), not fail at once with "Too many
         # connections" and trip the breaker, as redis-py's default pool does.
@@ -273,6 +277,7 @@ class Clients:
             return client, gate
         if target.kind == SENTINEL:
             sentinel = self._sentinel(redis.asyncio.sentinel.Sentinel, target)
+            self._discovery[asyncio.get_running_loop()] = sentinel
             return sentinel.master_for(target.service, health_check_interval=30, **opts), gate
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             target.url,
@@ -329,6 +334,7 @@ class Clients:
             sentinel = redis.sentinel.Sentinel(
                 addresses, sentinel_kwargs=sentinel_opts, **identity, **ssl, **sentinel_opts
             )
+            self._sync_discovery.append(sentinel)
             return sentinel.master_for(pool.service_name, retry=self._options["retry"])
         if "path" in kw:  # a unix socket
             return redis.Redis(unix_socket_path=kw["path"], **identity, **self._options)
@@ -387,6 +393,10 @@ class Clients:
         for client in owned:
             if client is not None:
                 client.close()
+        discovery, self._sync_discovery = self._sync_discovery, []
+        for sentinel in discovery:
+            for client in sentinel.sentinels:
+                client.close()
 
     async def aclose(self) -> None:
         """Close owned clients: the one of the running loop, and the sync ones."""
@@ -396,8 +406,12 @@ class Clients:
         loop = asyncio.get_running_loop()
         with self._lock:
             made = self._async_owned.pop(loop, None)
+            sentinel = self._discovery.pop(loop, None)
         if made is not None:
             await made[0].aclose()
+        if sentinel is not None:
+            for client in sentinel.sentinels:
+                await client.aclose()
 
 
 def shuffled(items: Sequence[T]) -> list[T]:

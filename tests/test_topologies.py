@@ -136,24 +136,34 @@ def test_a_given_sync_cluster_client_serves_and_invalidates(cluster: RedisCluste
 def test_a_given_asyncio_cluster_client_listens_on_the_cluster(
     cluster: RedisClusterServer,
 ) -> None:
-    async def main() -> None:
+    def client() -> tuple[Any, list[Any]]:
         nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in cluster.startup_nodes]
-        client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes)
-        reader = Cache(client, namespace="agiven", jitter=0)
-        writer = Cache(cluster.cache_url, namespace="agiven", jitter=0)
-        await reader.aget_or_load("k", old)
-        await asyncio.to_thread(subscribed, reader)  # its listener built a sync twin
-        assert await reader.aget_or_load("k", new) == "old"
-        await writer.adelete("k")
-        deadline = time.monotonic() + 5
-        while await reader.aget_or_load("k", new) == "old":
-            assert time.monotonic() < deadline, "the invalidation never reached the reader"
-            await asyncio.sleep(0.01)
-        await reader.aclose()
-        await writer.aclose()
-        await client.aclose()
+        return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes), []
 
-    asyncio.run(main())
+    asyncio.run(hears_invalidations(client, cluster.cache_url, "agiven"))
+
+
+async def hears_invalidations(
+    make_client: Callable[[], tuple[Any, list[Any]]], url: str, namespace: str
+) -> None:
+    """A cache given an asyncio client hears a delete made by a cache on ``url``: its
+    listener (a sync twin of the given client) subscribed where the writer publishes.
+    ``make_client`` gives the client and any other clients of ours to close after it."""
+    client, also_ours = make_client()
+    reader = Cache(client, namespace=namespace, jitter=0)
+    writer = Cache(url, namespace=namespace, jitter=0)
+    await reader.aget_or_load("k", old)
+    await asyncio.to_thread(subscribed, reader)
+    assert await reader.aget_or_load("k", new) == "old"
+    await writer.adelete("k")
+    deadline = time.monotonic() + 5
+    while await reader.aget_or_load("k", new) == "old":
+        assert time.monotonic() < deadline, "the invalidation never reached the reader"
+        await asyncio.sleep(0.01)
+    await reader.aclose()
+    await writer.aclose()
+    for ours in (client, *also_ours):
+        await ours.aclose()
 
 
 @pytest.mark.redis
@@ -396,23 +406,11 @@ def test_a_sentinel_failover_under_concurrent_callers(sentinels: SentinelSet) ->
 def test_an_asyncio_sentinel_cache_listens_to_the_sentinels_primary(
     sentinels: SentinelSet,
 ) -> None:
-    async def main() -> None:
+    def client() -> tuple[Any, list[Any]]:
         sentinel = redis.asyncio.sentinel.Sentinel(sentinels.sentinels)
-        client = sentinel.master_for(sentinels.service_name)
-        reader = Cache(client, namespace="asen", jitter=0)
-        writer = Cache(sentinels.cache_url, namespace="asen", jitter=0)
-        await reader.aget_or_load("k", old)
-        await asyncio.to_thread(subscribed, reader)
-        await writer.adelete("k")
-        deadline = time.monotonic() + 5
-        while await reader.aget_or_load("k", new) == "old":
-            assert time.monotonic() < deadline, "the reader listens somewhere else"
-            await asyncio.sleep(0.01)
-        await reader.aclose()
-        await writer.aclose()
-        await client.aclose()
+        return sentinel.master_for(sentinels.service_name), sentinel.sentinels
 
-    asyncio.run(main())
+    asyncio.run(hears_invalidations(client, sentinels.cache_url, "asen"))
 
 
 @pytest.mark.redis
