@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -124,6 +125,20 @@ class BackendHealth:
         """A call not made because the circuit is open: fail open, or raise if strict."""
         if self.strict:
             raise BackendError(f"redis {op} not attempted: the circuit is open")
+        return FAILED
+
+    def settle(self, op: str, exc: BaseException) -> Any:
+        """What a Redis call that raised ``exc`` gives its caller: FAILED for Redis trouble
+        (fail open), or ``exc`` again (ours, or a cancellation: not Redis's fault)."""
+        if isinstance(exc, BACKEND_ERRORS):
+            self.failed(op, exc)
+            return FAILED
+        if isinstance(exc, CacheError) or not isinstance(exc, Exception):
+            # A sync call on an asyncio-only cache is the caller's to see; cancelled mid-call
+            # is neither a success nor a failure.
+            self.abandoned()
+            raise exc
+        self.failed(op, exc, unexpected=True)  # redis-py failed us in a way it did not mean
         return FAILED
 
     def abandoned(self) -> None:
@@ -324,6 +339,14 @@ class _Ops:
             return results
         return self.health.unconfirmed(self.replicas, acked)
 
+    def retry_allowed(self, began: float) -> bool:
+        """Is a connection error worth one more try? One that came fast is: a pooled
+        connection to a server that restarted (or a node that failed over) fails once, and
+        a fresh one may not; every request here is idempotent. One that took half the
+        timeout or more (no pooled connection free, a connect that hung) is not: a call pays
+        at most one timeout."""
+        return time.monotonic() - began < self.clients.timeout / 2
+
     def past_breaker(self, op: str) -> bool:
         """Does ``op`` go to Redis even with the circuit open?
 
@@ -379,26 +402,16 @@ class SyncTier(_Ops):
     def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.health.available() and not self.past_breaker(op):
             return self.health.skipped(op)
+        began = time.monotonic()
         try:
             try:
                 result = fn(self.clients.sync_client(), *args)
             except RedisConnectionError:
-                # A pooled connection to a server that restarted (or a node that failed
-                # over) fails once; a fresh one may not. Every request here is idempotent,
-                # and a refused connection costs little, unlike a timeout (not retried).
+                if not self.retry_allowed(began):
+                    raise
                 result = fn(self.clients.sync_client(), *args)
-        except BACKEND_ERRORS as exc:
-            self.health.failed(op, exc)
-            return FAILED
-        except CacheError:  # ours (a sync call on an asyncio-only cache): the caller's to see
-            self.health.abandoned()
-            raise
-        except Exception as exc:
-            self.health.failed(op, exc, unexpected=True)
-            return FAILED
-        except BaseException:
-            self.health.abandoned()
-            raise
+        except BaseException as exc:
+            return self.health.settle(op, exc)
         self.health.ok()
         return result
 
@@ -492,30 +505,17 @@ class AsyncTier(_Ops):
     async def _call(self, op: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if not self.health.available() and not self.past_breaker(op):
             return self.health.skipped(op)
+        began = time.monotonic()
         try:
             client, gate = self.clients.async_pair()
             try:
-                if gate is None:
-                    result = await fn(client, *args)
-                else:
-                    result = await self._gated(gate, fn, client, args)
-            except RedisConnectionError:  # as in SyncTier._call
-                if gate is None:
-                    result = await fn(client, *args)
-                else:
-                    result = await self._gated(gate, fn, client, args)
-        except BACKEND_ERRORS as exc:
-            self.health.failed(op, exc)
-            return FAILED
-        except CacheError:  # ours (a sync call on an asyncio-only cache): the caller's to see
-            self.health.abandoned()
-            raise
-        except Exception as exc:
-            self.health.failed(op, exc, unexpected=True)
-            return FAILED
-        except BaseException:  # cancelled mid-call: neither a success nor a failure
-            self.health.abandoned()
-            raise
+                result = await self._attempt(gate, fn, client, args)
+            except RedisConnectionError:
+                if not self.retry_allowed(began):
+                    raise
+                result = await self._attempt(gate, fn, client, args)
+        except BaseException as exc:
+            return self.health.settle(op, exc)
         self.health.ok()
         return result
 
@@ -536,10 +536,17 @@ class AsyncTier(_Ops):
                 error = exc
         raise error or RedisClusterException("no primary to publish on")
 
-    async def _gated(
-        self, gate: asyncio.Semaphore, fn: Callable[..., Awaitable[Any]], client: Any, args: Any
+    async def _attempt(
+        self,
+        gate: asyncio.Semaphore | None,
+        fn: Callable[..., Awaitable[Any]],
+        client: Any,
+        args: Any,
     ) -> Any:
-        """Wait for a connection slot as a blocking pool would: up to the timeout."""
+        """One try; where the client's pool cannot block, wait for a connection slot as a
+        blocking pool would: up to the timeout."""
+        if gate is None:
+            return await fn(client, *args)
         if gate.locked():
             try:
                 await asyncio.wait_for(gate.acquire(), self.clients.timeout)

@@ -581,3 +581,45 @@ def test_a_resubscribed_listener_hands_on_the_leases_it_could_not_release(
         assert not cache._unreleased
     finally:
         cache.close()
+
+
+def test_a_call_that_waited_out_the_pool_is_not_tried_again(own_redis: RedisServer) -> None:
+    """A connection error that came fast is retried once (a pooled connection to a server
+    that restarted); one that took the timeout (no pooled connection free in a surge) is
+    not, or every call would pay the timeout twice."""
+    timeout = 0.5
+    cache = Cache(own_redis.url, redis_timeout=timeout, redis_max_connections=1, jitter=0)
+    pool = cache._clients.sync_client().connection_pool
+    held = pool.get_connection()  # the only one: every call must wait for it
+    try:
+        began = time.monotonic()
+        assert cache.get("k") is None  # failed open
+        took = time.monotonic() - began
+        assert cache.stats()["backend_errors"] == 1
+        assert timeout <= took < 2 * timeout, took
+    finally:
+        pool.release(held)
+        cache.close()
+
+
+def test_an_async_call_that_waited_out_the_pool_is_not_tried_again(
+    own_redis: RedisServer,
+) -> None:
+    timeout = 0.5
+
+    async def main() -> tuple[Any, float]:
+        cache = Cache(own_redis.url, redis_timeout=timeout, redis_max_connections=1, jitter=0)
+        pool = cache._clients.async_client().connection_pool
+        held = await pool.get_connection()
+        try:
+            began = time.monotonic()
+            got = await cache.aget("k")
+            return got, time.monotonic() - began
+        finally:
+            await pool.release(held)
+            assert cache.stats()["backend_errors"] == 1
+            await cache.aclose()
+
+    got, took = asyncio.run(main())
+    assert got is None
+    assert timeout <= took < 2 * timeout, took
