@@ -338,7 +338,7 @@ class Traffic:
 
 def assert_latency_bounded(latencies: list[float]) -> None:
     """The added latency a failover may cost a caller: at most one failed Redis call
-    (refused, or a 0.25 s timeout, tried twice), then the circuit opens and calls skip
+    (refused at once and tried again, or one 0.25 s timeout), then the circuit opens and calls skip
     Redis. Waiters on a lease whose holder could not release it while Redis was away are
     handed the lease as soon as the holder's listener resubscribes (before that fix the
     slowest call took 1.65 s). Measured on a loaded 2-core machine: p99 10-21 ms, the
